@@ -1,0 +1,1 @@
+"""toothseg serving side: the Label Studio ML backend and its inference pipeline."""

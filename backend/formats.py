@@ -1,0 +1,283 @@
+"""Label Studio result formats for tooth masks.
+
+Conversions between (H, W) boolean masks and Label Studio regions:
+- BrushLabels: RLE through `label_studio_sdk.converter.brush` (exact).
+- PolygonLabels: outer contours in percent (0-100) of the original size, one region per
+  connected part of a tooth (a tooth split in two gives two regions with the same label).
+Coordinates: pixel (col, row) has its centre at ((col + 0.5) / W * 100, (row + 0.5) / H * 100)
+percent; a vertex in percent maps back to pixel col = x% * W / 100 - 0.5.
+
+The target control tag comes from the project's labeling config via `LabelInterface`.
+Config label values map to FDI labels when the value is an FDI number ("11") or contains
+exactly one ("Tooth 11", "11 - upper right central incisor").
+"""
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import cv2
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from label_studio_sdk.label_interface import LabelInterface
+from label_studio_sdk.label_interface.control_tags import BrushLabelsTag, PolygonLabelsTag
+
+from backend import fdi
+from backend.instance import Instance
+
+logger = logging.getLogger(__name__)
+
+BRUSH = "brushlabels"
+POLYGON = "polygonlabels"
+REGION_TYPES = (BRUSH, POLYGON)
+
+_FDI_TOKEN = re.compile(r"(?<!\d)([1-8][1-8])(?!\d)")
+
+
+class LabelConfigError(ValueError):
+    """The labeling config has no control tag toothseg can write tooth masks to."""
+
+
+def fdi_of_value(value: str) -> str | None:
+    """The FDI label a config label value stands for, or None.
+
+    "11" -> "11"; "Tooth 11" -> "11"; "11/21" (two numbers) -> None; "caries" -> None.
+    """
+    text = str(value).strip()
+    if fdi.is_fdi(text):
+        return text
+    found = {m for m in _FDI_TOKEN.findall(text) if fdi.is_fdi(m)}
+    return found.pop() if len(found) == 1 else None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where tooth regions go in a project: one BrushLabels or PolygonLabels control tag."""
+
+    from_name: str
+    to_name: str
+    type: str  # BRUSH or POLYGON
+    value_key: str  # task data key of the image, e.g. "image" for value="$image"
+    fdi_to_value: Mapping[str, str] = field(default_factory=dict)
+
+    def value_for(self, label: str) -> str | None:
+        """The config's label value for an FDI label, or None if the config lacks it."""
+        return self.fdi_to_value.get(label)
+
+
+def find_target(label_config: str, prefer: str = BRUSH) -> Target:
+    """Find the tooth control tag of a labeling config (BrushLabels preferred, else PolygonLabels).
+
+    Raises LabelConfigError with a readable reason when the config has neither, or when the
+    control's labels contain no FDI numbers.
+    """
+    try:
+        interface = LabelInterface(label_config)
+    except Exception as exc:  # lxml / pydantic errors: the config itself is broken
+        raise LabelConfigError(f"cannot parse the labeling config: {exc}") from exc
+    controls = interface.find_tags_by_class([BrushLabelsTag, PolygonLabelsTag])
+    if not controls:
+        raise LabelConfigError("the labeling config has no BrushLabels or PolygonLabels control tag")
+    controls.sort(key=lambda c: c.tag.lower() != prefer)
+    reasons = []
+    for control in controls:
+        mapping: dict[str, str] = {}
+        for value in control.labels or ():
+            label = fdi_of_value(value)
+            if label is not None and label not in mapping:
+                mapping[label] = value
+        if not mapping:
+            reasons.append(f"{control.tag} '{control.name}' has no FDI tooth labels")
+            continue
+        to_name = control.to_name[0]
+        image = interface.get_object(to_name)
+        value_key = str(image.value).lstrip("$") if getattr(image, "value", None) else to_name
+        return Target(control.name, to_name, control.tag.lower(), value_key, mapping)
+    raise LabelConfigError("; ".join(reasons))
+
+
+# --- brush ---------------------------------------------------------------------------------
+
+def mask_to_rle(mask: np.ndarray) -> list[int]:
+    """(H, W) bool mask -> Label Studio brush RLE (RGBA-expanded, alpha 255 on the mask)."""
+    return mask2rle(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+
+
+def rle_to_mask(rle: Iterable[int], height: int, width: int) -> np.ndarray:
+    """Label Studio brush RLE -> (height, width) bool mask (alpha channel >= 128)."""
+    flat = decode_rle(list(rle))
+    if flat.size != height * width * 4:
+        raise ValueError(f"brush RLE holds {flat.size} values, expected {height}x{width}x4")
+    return flat.reshape(height, width, 4)[:, :, 3] >= 128
+
+
+# --- polygons ------------------------------------------------------------------------------
+
+def mask_to_polygons(mask: np.ndarray, min_area: float = 4.0, epsilon: float = 0.0) -> list[np.ndarray]:
+    """Outer contours of each connected part: a list of (N, 2) float arrays of (col, row) pixel
+    centres, N >= 3. Parts covering fewer than about `min_area` pixels, and one-pixel-thin
+    slivers, are dropped; `epsilon` > 0 simplifies each contour (cv2.approxPolyDP, pixels)."""
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for contour in contours:
+        if epsilon > 0:
+            contour = cv2.approxPolyDP(contour, epsilon, True)
+        if len(contour) < 3:
+            continue
+        # pixels covered ~ area inside the centre-line polygon + half its perimeter + 1
+        if cv2.contourArea(contour) + cv2.arcLength(contour, True) / 2 + 1 < min_area:
+            continue
+        polygons.append(contour.reshape(-1, 2).astype(np.float64))
+    return polygons
+
+
+def polygons_to_mask(polygons: Iterable[np.ndarray], height: int, width: int) -> np.ndarray:
+    """Fill (N, 2) pixel-coordinate polygons (col, row) into one (height, width) bool mask."""
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    pts = [np.round(np.asarray(p, dtype=np.float64)).astype(np.int32).reshape(-1, 1, 2) for p in polygons]
+    pts = [p for p in pts if len(p) >= 3]
+    if pts:
+        cv2.fillPoly(canvas, pts, 1)
+    return canvas.astype(bool)
+
+
+def pixels_to_percent(points: np.ndarray, height: int, width: int) -> list[list[float]]:
+    """(N, 2) pixel (col, row) -> [[x%, y%], ...] of the original size (pixel centres)."""
+    p = np.asarray(points, dtype=np.float64)
+    return np.stack([(p[:, 0] + 0.5) / width * 100.0, (p[:, 1] + 0.5) / height * 100.0], axis=1).round(4).tolist()
+
+
+def percent_to_pixels(points: Iterable[Iterable[float]], height: int, width: int) -> np.ndarray:
+    """[[x%, y%], ...] -> (N, 2) pixel (col, row) coordinates."""
+    p = np.asarray(list(points), dtype=np.float64).reshape(-1, 2)
+    return np.stack([p[:, 0] * width / 100.0 - 0.5, p[:, 1] * height / 100.0 - 0.5], axis=1)
+
+
+# --- regions -------------------------------------------------------------------------------
+
+def _region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def _base_region(target: Target, value: dict[str, Any], height: int, width: int, score: float | None) -> dict:
+    region = {
+        "id": _region_id(),
+        "from_name": target.from_name,
+        "to_name": target.to_name,
+        "type": target.type,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": value,
+    }
+    if score is not None:
+        region["score"] = round(float(score), 4)
+    return region
+
+
+def mask_to_regions(mask: np.ndarray, value: str, target: Target, score: float | None = None,
+                    polygon_epsilon: float = 0.7) -> list[dict]:
+    """One tooth mask -> Label Studio regions for `target` with the config label `value`.
+
+    BrushLabels: one region with the RLE. PolygonLabels: one region per connected part.
+    """
+    height, width = mask.shape
+    if target.type == BRUSH:
+        rle = mask_to_rle(mask)
+        return [_base_region(target, {"format": "rle", "rle": rle, BRUSH: [value]}, height, width, score)]
+    if target.type == POLYGON:
+        regions = []
+        for poly in mask_to_polygons(mask, epsilon=polygon_epsilon):
+            points = pixels_to_percent(poly, height, width)
+            regions.append(_base_region(target, {"points": points, "closed": True, POLYGON: [value]}, height, width, score))
+        return regions
+    raise LabelConfigError(f"unsupported region type {target.type!r}")
+
+
+_warned_missing: set[tuple[str, str]] = set()
+
+
+def instances_to_results(instances: Iterable[Instance], target: Target) -> list[dict]:
+    """Tooth instances -> a Label Studio `result` list for `target`.
+
+    FDI labels the config does not have are skipped (logged once per control and label).
+    """
+    result: list[dict] = []
+    for inst in instances:
+        value = target.value_for(inst.label)
+        if value is None:
+            key = (target.from_name, inst.label)
+            if key not in _warned_missing:
+                _warned_missing.add(key)
+                logger.warning("label config control '%s' has no label for tooth %s: such regions are skipped",
+                               target.from_name, inst.label)
+            continue
+        if not inst.mask.any():
+            continue
+        result.extend(mask_to_regions(inst.mask, value, target, score=inst.score))
+    return result
+
+
+def region_mask(region: Mapping[str, Any], height: int | None = None, width: int | None = None) -> np.ndarray:
+    """Decode one brush or polygon region to a (H, W) bool mask at the original image size."""
+    h = int(region.get("original_height") or height or 0)
+    w = int(region.get("original_width") or width or 0)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"region {region.get('id')} has no original_width/original_height")
+    value = region.get("value") or {}
+    kind = str(region.get("type", "")).lower()
+    if kind == BRUSH or "rle" in value:
+        return rle_to_mask(value["rle"], h, w)
+    if kind == POLYGON or "points" in value:
+        return polygons_to_mask([percent_to_pixels(value["points"], h, w)], h, w)
+    raise ValueError(f"region {region.get('id')} of type {kind!r} is neither brush nor polygon")
+
+
+def region_labels(region: Mapping[str, Any]) -> list[str]:
+    """The label values of a region (brushlabels / polygonlabels / labels)."""
+    value = region.get("value") or {}
+    for key in (BRUSH, POLYGON, "labels"):
+        if value.get(key):
+            return list(value[key])
+    return []
+
+
+def result_to_masks(result: Iterable[Mapping[str, Any]], height: int | None = None,
+                    width: int | None = None) -> dict[str, np.ndarray]:
+    """An annotation's `result` -> {FDI label: (H, W) bool mask}.
+
+    Brush and polygon regions are decoded at their original size and unioned per FDI label
+    (an annotator may paint one tooth in several strokes or polygons). Regions whose labels
+    are not FDI teeth, and regions of other types, are skipped with a debug log.
+    """
+    masks: dict[str, np.ndarray] = {}
+    for region in result:
+        kind = str(region.get("type", "")).lower()
+        if kind not in REGION_TYPES:
+            continue
+        labels = [lab for lab in (fdi_of_value(v) for v in region_labels(region)) if lab]
+        if len(labels) != 1:
+            logger.debug("skipping region %s with labels %s", region.get("id"), region_labels(region))
+            continue
+        mask = region_mask(region, height, width)
+        label = labels[0]
+        if label in masks:
+            if masks[label].shape != mask.shape:
+                raise ValueError(f"regions of tooth {label} disagree on the image size: "
+                                 f"{masks[label].shape} vs {mask.shape}")
+            masks[label] |= mask
+        else:
+            masks[label] = mask
+    return masks
+
+
+def result_image_size(result: Iterable[Mapping[str, Any]]) -> tuple[int, int] | None:
+    """(height, width) recorded in the first region that has them, else None."""
+    for region in result:
+        if region.get("original_height") and region.get("original_width"):
+            return int(region["original_height"]), int(region["original_width"])
+    return None

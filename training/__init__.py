@@ -1,0 +1,1 @@
+"""toothseg learning side: retraining jobs, datasets, model changes, metrics, synthetic data, CLI."""
