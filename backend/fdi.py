@@ -85,15 +85,25 @@ def tooth_type(label: str) -> ToothType:
     return ToothType.PREMOLAR if p <= 5 else ToothType.MOLAR
 
 
-def arch_slot(label: str) -> float:
-    """Expected horizontal slot of the tooth along its arch, image left (0) to right (15).
+# Typical mesiodistal crown widths (mm) of permanent teeth by position 1-8, upper and lower.
+_WIDTH_MM = {
+    True: (8.5, 6.5, 7.5, 7.0, 6.5, 10.0, 9.0, 8.5),
+    False: (5.0, 5.5, 7.0, 7.0, 7.0, 11.0, 10.5, 10.0),
+}
 
-    Permanent teeth occupy slots 0-15 (18 -> 0, 11 -> 7, 21 -> 8, 28 -> 15). A deciduous tooth
-    sits where its permanent successor erupts (55 over 15, 51 over 11), so both dentitions
-    share one scale: the numbering prior compares this slot with a candidate's x position.
+
+def arch_coordinate(label: str) -> float:
+    """Expected centre of a tooth along its arch, in mm from the midline: negative on the image's
+    left (the patient's right), positive on its right, from typical crown widths.
+
+    A deciduous tooth is placed where its permanent successor erupts (55 at 15's place), so both
+    dentitions share one scale. The numbering prior fits this coordinate to the candidates'
+    x positions (x ~ a * coordinate + b) and penalises labels far from where they should be.
     """
     p = position(label)
-    return float(8 - p) if on_image_left(label) else float(7 + p)
+    widths = _WIDTH_MM[is_upper(label)]
+    centre = sum(widths[: p - 1]) + widths[p - 1] / 2.0
+    return -centre if on_image_left(label) else centre
 
 
 def arch_order(upper: bool, deciduous: bool) -> tuple[str, ...]:

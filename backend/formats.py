@@ -136,13 +136,19 @@ def mask_to_polygons(mask: np.ndarray, min_area: float = 4.0, epsilon: float = 0
 
 
 def polygons_to_mask(polygons: Iterable[np.ndarray], height: int, width: int) -> np.ndarray:
-    """Fill (N, 2) pixel-coordinate polygons (col, row) into one (height, width) bool mask."""
+    """Fill (N, 2) pixel-coordinate polygons (col, row; rounded to the nearest pixel) into one
+    (height, width) bool mask: the union of the polygons, each filled on its own (so overlapping
+    parts stay filled, as in the STS scorer)."""
+    mask = np.zeros((height, width), dtype=bool)
     canvas = np.zeros((height, width), dtype=np.uint8)
-    pts = [np.round(np.asarray(p, dtype=np.float64)).astype(np.int32).reshape(-1, 1, 2) for p in polygons]
-    pts = [p for p in pts if len(p) >= 3]
-    if pts:
-        cv2.fillPoly(canvas, pts, 1)
-    return canvas.astype(bool)
+    for poly in polygons:
+        pts = np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32).reshape(-1, 1, 2)
+        if len(pts) < 3:
+            continue
+        canvas[:] = 0
+        cv2.fillPoly(canvas, [pts], 1)
+        mask |= canvas.astype(bool)
+    return mask
 
 
 def pixels_to_percent(points: np.ndarray, height: int, width: int) -> list[list[float]]:

@@ -48,14 +48,18 @@ def test_arch_order_left_to_right_on_panoramic():
     assert sorted(every) == sorted(fdi.FDI_LABELS)
 
 
-def test_arch_slot_is_monotonic_and_shared_by_dentitions():
+def test_arch_coordinate_is_monotonic_and_shared_by_dentitions():
     for arch in fdi.ARCHES.values():
-        slots = [fdi.arch_slot(lab) for lab in arch]
-        assert slots == sorted(slots) and len(set(slots)) == len(slots)
-    assert fdi.arch_slot("18") == 0 and fdi.arch_slot("11") == 7 and fdi.arch_slot("21") == 8 and fdi.arch_slot("28") == 15
+        coords = [fdi.arch_coordinate(lab) for lab in arch]
+        assert coords == sorted(coords) and len(set(coords)) == len(coords)
+    # upper central incisors are 8.5 mm wide: centres 4.25 mm either side of the midline
+    assert fdi.arch_coordinate("11") == -4.25 and fdi.arch_coordinate("21") == 4.25
+    # 16 sits after 8.5 + 6.5 + 7.5 + 7.0 + 6.5 = 36 mm, plus half its 10 mm
+    assert fdi.arch_coordinate("16") == -41.0
+    assert fdi.arch_coordinate("31") == 2.5
     # a deciduous tooth sits where its successor erupts
     for lab in fdi.DECIDUOUS:
-        assert fdi.arch_slot(lab) == fdi.arch_slot(fdi.successor(lab))
+        assert fdi.arch_coordinate(lab) == fdi.arch_coordinate(fdi.successor(lab))
     assert fdi.successor("55") == "15" and fdi.successor("11") is None
 
 

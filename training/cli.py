@@ -31,7 +31,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from training.synth import write_dataset
 
     summary = write_dataset(Path(args.out), n=args.n, seed=args.seed, size=args.size,
-                            progress=not args.quiet)
+                            progress=not args.quiet, url_prefix=args.url_prefix)
     print(summary)
     return 0
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--size", type=_size, default=(1024, 512), help="WIDTHxHEIGHT (default 1024x512)")
+    p.add_argument("--url-prefix", default="",
+                   help="prefix of the image URLs in the Label Studio tasks, e.g. "
+                        "'/data/local-files/?d=synth/' (default: none, paths relative to --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 

@@ -1,7 +1,9 @@
 """STS 2024 Labelme JSON: one polygon shape per tooth part, `label` = FDI string.
 
-Points are (x, y) pixel coordinates of the original image (pixel centres); masks are
-rasterised with cv2.fillPoly as the challenge's scorer does.
+Points are (x, y) pixel coordinates of the original image; masks are rasterised as the
+challenge's scorer does: coordinates truncated to integers, each shape filled with
+cv2.fillPoly, shapes of one label unioned. toothseg writes integer pixel-centre coordinates,
+so its own files read back exactly.
 """
 from __future__ import annotations
 
@@ -74,10 +76,13 @@ def labelme_to_masks(doc: Mapping[str, Any], source: str = "labelme") -> dict[st
         kind = shape.get("shape_type") or "polygon"
         if kind != "polygon":
             raise LabelmeError(f"{source}: shape {i} ({label}) is a {kind}, only polygons are supported")
-        points = np.asarray(shape.get("points") or [], dtype=np.float64)
+        try:
+            points = np.asarray(shape.get("points") or [], dtype=np.float64)
+        except (TypeError, ValueError):
+            points = np.zeros((0,))
         if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
             raise LabelmeError(f"{source}: shape {i} ({label}) needs at least 3 (x, y) points")
-        by_label.setdefault(label, []).append(points)
+        by_label.setdefault(label, []).append(np.trunc(points))  # int32 cast, as the scorer
     return {label: polygons_to_mask(polys, height, width) for label, polys in by_label.items()}
 
 

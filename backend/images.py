@@ -1,0 +1,275 @@
+"""Safe image loading for tasks: resolve a Label Studio URL, fetch it, decode it.
+
+One array convention leaves this module: `(H, W) uint8` grey, EXIF orientation applied.
+Grey, RGB, RGBA (composited on black), palette, CMYK and 16-bit images all end there; 16-bit
+pixels are scaled by the smallest bit depth (8, 10, 12, 14, 16) that holds their maximum,
+so 12-bit radiographs stored in 16-bit PNGs keep their contrast.
+
+What is refused, each with an `ImageError` carrying an HTTP-like status and a reason:
+hosts other than Label Studio's and IMAGE_HOST_ALLOWLIST (also after a redirect), local paths
+outside LOCAL_FILES_DOCUMENT_ROOT (`..` and symlink escapes included), downloads over
+MAX_DOWNLOAD_BYTES or DOWNLOAD_TIMEOUT, images over MAX_IMAGE_PIXELS (checked from the header,
+before decoding), and bytes that are not a complete image.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import parse_qs, unquote, urljoin, urlparse
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_MAX_REDIRECTS = 3
+Image.MAX_IMAGE_PIXELS = None  # our own limit (MAX_IMAGE_PIXELS) is checked before decoding
+
+
+class ImageError(Exception):
+    """A task image that cannot be used; `status` is the matching HTTP status."""
+
+    def __init__(self, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class XrayImage:
+    """A decoded image: `pixels` (H, W) uint8 grey; `sha1` of its pixels and shape."""
+
+    pixels: np.ndarray
+    sha1: str
+    source: str
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    """Content hash of a decoded image (shape and bytes), the key of the SAM embedding cache."""
+    h = hashlib.sha1(f"{pixels.shape}{pixels.dtype}".encode())
+    h.update(np.ascontiguousarray(pixels).data)
+    return h.hexdigest()
+
+
+def task_image_url(task: Mapping[str, Any], value_key: str) -> str:
+    """The image URL of a Label Studio task for the config's image key (e.g. "image")."""
+    data = task.get("data")
+    if not isinstance(data, Mapping):
+        raise ImageError("task has no 'data' object")
+    url = data.get(value_key)
+    if not isinstance(url, str) or not url.strip():
+        raise ImageError(f"task data has no '{value_key}' image URL (keys: {sorted(data)})")
+    return url.strip()
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+def _scale_high_bit(arr: np.ndarray) -> np.ndarray:
+    top = float(arr.max()) if arr.size else 0.0
+    for bits in (8, 10, 12, 14, 16):
+        if top <= 2**bits - 1:
+            break
+    scale = 255.0 / (2**bits - 1)
+    return np.clip(np.rint(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+
+
+def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndarray:
+    """Image file bytes -> (H, W) uint8 grey. Raises ImageError (400 corrupt, 413 too large)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageError(f"{source}: {width}x{height} = {width * height} pixels exceeds the limit "
+                                 f"of {max_pixels} (MAX_IMAGE_PIXELS)", 413)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{source}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated files, broken chunks
+        raise ImageError(f"{source}: corrupt or truncated image ({exc})") from None
+    return _to_grey(im)
+
+
+def _to_grey(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return _scale_high_bit(np.asarray(im).astype(np.int64).clip(0, None))
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        span = arr.max() - arr.min()
+        return np.zeros(arr.shape, np.uint8) if span <= 0 else np.rint((arr - arr.min()) / span * 255).astype(np.uint8)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba)
+    return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+
+
+# --- fetching ------------------------------------------------------------------------------
+
+def _host(url: str) -> str:
+    parsed = urlparse(url)
+    host = (parsed.hostname or "").lower()
+    port = parsed.port
+    return f"{host}:{port}" if port else host
+
+
+class ImageLoader:
+    """Loads task images for one Label Studio connection.
+
+    base_url / api_key: Label Studio's (settings first, else what /setup sent).
+    """
+
+    def __init__(self, settings: Settings, hostname: str = "", access_token: str = ""):
+        self.settings = settings
+        self.base_url = (settings.label_studio_url or hostname or "").rstrip("/")
+        self.api_key = settings.label_studio_api_key or access_token or ""
+        self._tokens = None  # label_studio_sdk TokensClientExt, created on first use
+
+    # hosts
+    def _allowed(self, url: str) -> bool:
+        host = _host(url)
+        bare = host.split(":")[0]
+        ls = _host(self.base_url) if self.base_url else None
+        return host == ls or host in self.settings.image_host_allowlist or bare in self.settings.image_host_allowlist
+
+    def _is_label_studio(self, url: str) -> bool:
+        return bool(self.base_url) and _host(url) == _host(self.base_url) and \
+            urlparse(url).scheme == urlparse(self.base_url).scheme
+
+    def auth_headers(self) -> dict[str, str]:
+        """Authorization header for Label Studio: the legacy token, or for a personal access token
+        an access token that label_studio_sdk's TokensClientExt refreshes when it expires."""
+        if not self.api_key:
+            return {}
+        from label_studio_sdk.core.api_error import ApiError
+        from label_studio_sdk.tokens.client_ext import TokensClientExt
+
+        try:
+            if self._tokens is None:
+                self._tokens = TokensClientExt(base_url=self.base_url, api_key=self.api_key)
+            if self._tokens.jwt_token_type(self.api_key) is None:
+                return {"Authorization": f"Token {self.api_key}"}
+            return {"Authorization": f"Bearer {self._tokens.api_key}"}
+        except ApiError as exc:
+            raise ImageError(f"Label Studio rejected the API key: {exc.body}", 401) from None
+
+    def resolve(self, url: str) -> tuple[str, Path | None]:
+        """A task URL -> (absolute http(s) URL, or "" with a local Path)."""
+        parsed = urlparse(url)
+        if parsed.scheme in ("http", "https"):
+            return url, None
+        if parsed.scheme == "file":
+            return "", self._local(Path(unquote(parsed.path)))
+        if parsed.scheme:
+            raise ImageError(f"unsupported image URL scheme {parsed.scheme!r} in {url!r}")
+        if url.startswith("/data/local-files"):
+            root = self.settings.local_files_document_root
+            rel = (parse_qs(parsed.query).get("d") or [""])[0]
+            if not rel:
+                raise ImageError(f"local-files URL without ?d=: {url!r}")
+            if root is not None:
+                return "", self._local(root / rel)
+        if url.startswith("/data/") or url.startswith("/api/"):
+            if not self.base_url:
+                raise ImageError(f"{url!r} is relative to Label Studio, but no LABEL_STUDIO_URL is set "
+                                 f"and /setup sent no hostname")
+            return urljoin(self.base_url + "/", url.lstrip("/")), None
+        if url.startswith("/"):
+            return "", self._local(Path(url))
+        raise ImageError(f"cannot resolve image URL {url!r}")
+
+    def _local(self, path: Path) -> Path:
+        root = self.settings.local_files_document_root
+        if root is None:
+            raise ImageError(f"local path {str(path)!r} refused: LOCAL_FILES_DOCUMENT_ROOT is not set", 403)
+        real_root = root.resolve()
+        real = (path if path.is_absolute() else real_root / path).resolve()
+        if real != real_root and real_root not in real.parents:
+            raise ImageError(f"local path {str(path)!r} is outside the document root", 403)
+        return real
+
+    def fetch(self, url: str) -> bytes:
+        """Raw bytes of the image at a task URL, within the size and time limits."""
+        http_url, local = self.resolve(url)
+        if local is not None:
+            return self._read_local(local)
+        return self._download(http_url)
+
+    def _read_local(self, path: Path) -> bytes:
+        try:
+            size = path.stat().st_size
+            if size > self.settings.max_download_bytes:
+                raise ImageError(f"{path.name}: {size} bytes exceeds MAX_DOWNLOAD_BYTES", 413)
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"image file not found: {path.name}", 404) from None
+        except IsADirectoryError:
+            raise ImageError(f"not a file: {path.name}", 400) from None
+
+    def _download(self, url: str) -> bytes:
+        limit = self.settings.max_download_bytes
+        timeout = httpx.Timeout(self.settings.download_timeout)
+        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+            for _ in range(_MAX_REDIRECTS + 1):
+                if not self._allowed(url):
+                    raise ImageError(f"image host {_host(url)!r} is not Label Studio's and not in "
+                                     f"IMAGE_HOST_ALLOWLIST", 403)
+                headers = self.auth_headers() if self._is_label_studio(url) else {}
+                try:
+                    with client.stream("GET", url, headers=headers) as resp:
+                        if resp.is_redirect:
+                            url = urljoin(url, resp.headers.get("location", ""))
+                            continue
+                        if resp.status_code != 200:
+                            raise ImageError(f"download of {_display(url)} failed: HTTP {resp.status_code}",
+                                             404 if resp.status_code == 404 else 502)
+                        declared = int(resp.headers.get("content-length") or 0)
+                        if declared > limit:
+                            raise ImageError(f"{_display(url)}: {declared} bytes exceeds MAX_DOWNLOAD_BYTES", 413)
+                        chunks, total = [], 0
+                        for chunk in resp.iter_bytes():
+                            total += len(chunk)
+                            if total > limit:
+                                raise ImageError(f"{_display(url)}: more than {limit} bytes (MAX_DOWNLOAD_BYTES)", 413)
+                            chunks.append(chunk)
+                        return b"".join(chunks)
+                except httpx.TimeoutException:
+                    raise ImageError(f"download of {_display(url)} timed out after "
+                                     f"{self.settings.download_timeout:g} s", 504) from None
+                except httpx.HTTPError as exc:
+                    raise ImageError(f"download of {_display(url)} failed: {exc.__class__.__name__}", 502) from None
+        raise ImageError(f"too many redirects for {_display(url)}", 502)
+
+    def load(self, url: str) -> XrayImage:
+        """Fetch and decode: the task image as (H, W) uint8 grey with its content hash."""
+        pixels = decode_image(self.fetch(url), self.settings.max_image_pixels, source=_display(url))
+        return XrayImage(pixels=pixels, sha1=pixel_hash(pixels), source=url)
+
+
+def _display(url: str) -> str:
+    """A URL without its query string (which may carry tokens), for messages and logs."""
+    parsed = urlparse(url)
+    if parsed.path.startswith("/data/local-files"):
+        return url
+    return parsed._replace(query="", fragment="").geturl() or url

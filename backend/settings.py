@@ -1,0 +1,87 @@
+"""Configuration from environment variables: one frozen record, read once per process.
+
+README's configuration table lists the same variables, defaults and meanings; a test keeps
+the two in step (every field's variable must appear in README).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip().lower() for item in text.split(",") if item.strip())
+
+
+def _path(text: str) -> Path | None:
+    return Path(text).expanduser() if text.strip() else None
+
+
+def _setting(env: str, default: str, parse=str, doc: str = ""):
+    return field(default=None, metadata={"env": env, "default": default, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    label_studio_url: str = _setting("LABEL_STUDIO_URL", "", str,
+        "Base URL of Label Studio, used to download task images and to export annotations "
+        "(falls back to the hostname Label Studio sends with /setup).")
+    label_studio_api_key: str = _setting("LABEL_STUDIO_API_KEY", "", str,
+        "Legacy token or personal access token for Label Studio (falls back to the token sent with /setup).")
+    model_dir: Path = _setting("MODEL_DIR", "./models", Path,
+        "Model registry: one folder per project and version, plus the current-version pointer.")
+    redis_url: str = _setting("REDIS_URL", "redis://localhost:6379/0", str, "Redis for the RQ queues.")
+    yolo_weights: Path | None = _setting("YOLO_WEIGHTS", "", _path,
+        "Optional YOLOv8-seg weights (52 FDI classes) used before a project has a trained model.")
+    sam_checkpoint: Path | None = _setting("SAM_CHECKPOINT", "", _path,
+        "Segment Anything checkpoint (.pth). Empty: YOLO masks only (logged at start).")
+    sam_model_type: str = _setting("SAM_MODEL_TYPE", "vit_b", str,
+        "Builder in segment_anything.sam_model_registry for SAM_CHECKPOINT (vit_b, vit_l, vit_h).")
+    device: str = _setting("DEVICE", "cpu", str, "torch device for YOLO and SAM (cpu, cuda, cuda:0).")
+    torch_threads: int = _setting("TORCH_THREADS", "0", int, "torch intra-op threads; 0 = all cores.")
+    embedding_cache_size: int = _setting("EMBEDDING_CACHE_SIZE", "16", int,
+        "SAM image embeddings kept in memory (LRU, about 4 MB each).")
+    embedding_cache_dir: Path | None = _setting("EMBEDDING_CACHE_DIR", "", _path,
+        "Folder for SAM image embeddings on disk (keyed by image hash and checkpoint). Empty: memory only.")
+    score_threshold: float = _setting("SCORE_THRESHOLD", "0.25", float,
+        "Teeth whose numbering confidence is below this are not pre-annotated.")
+    detector_conf: float = _setting("DETECTOR_CONF", "0.05", float,
+        "YOLO candidate confidence before numbering (low on purpose: numbering decides).")
+    sam_min_iou: float = _setting("SAM_MIN_IOU", "0.75", float,
+        "Keep YOLO's own mask where SAM's predicted IoU is below this.")
+    sam_min_agreement: float = _setting("SAM_MIN_AGREEMENT", "0.5", float,
+        "Keep YOLO's own mask where SAM's and YOLO's masks overlap (IoU) less than this.")
+    sam_batch_size: int = _setting("SAM_BATCH_SIZE", "1", int,
+        "Box prompts decoded per SAM call (measured: 1 is fastest on CPU; see bench/).")
+    local_files_document_root: Path | None = _setting("LOCAL_FILES_DOCUMENT_ROOT", "", _path,
+        "Label Studio's local-files root, if this process can read it: /data/local-files/?d=... is read "
+        "from disk (only below this root) instead of over HTTP.")
+    image_host_allowlist: tuple[str, ...] = _setting("IMAGE_HOST_ALLOWLIST", "", _list,
+        "Extra hosts (comma-separated) images may be downloaded from besides Label Studio's.")
+    max_image_pixels: int = _setting("MAX_IMAGE_PIXELS", "50000000", int,
+        "Images with more pixels are refused (decompression-bomb guard).")
+    max_download_bytes: int = _setting("MAX_DOWNLOAD_BYTES", "104857600", int, "Largest image download (bytes).")
+    download_timeout: float = _setting("DOWNLOAD_TIMEOUT", "30", float, "Seconds per image download.")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        """Read every setting from `env` (default os.environ), falling back to its default."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"], f.metadata["default"])
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                raise ValueError(f"{f.metadata['env']}={raw!r} is not valid: {exc}") from None
+        return cls(**values)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every backend setting, in declaration order."""
+    return [(f.metadata["env"], f.metadata["default"], f.metadata["doc"]) for f in fields(Settings)]
