@@ -8,6 +8,8 @@ from backend import fdi
 
 IMAGE_NAME = "image"
 BRUSH_NAME = "tooth"
+POINT_NAME = "tooth_point"
+BOX_NAME = "tooth_box"
 
 _GROUPS = (
     ("1", "Permanent, upper right (Q1)"),
@@ -21,10 +23,11 @@ _GROUPS = (
 )
 
 
-def _label_lines(indent: str) -> list[str]:
+def _label_lines(indent: str, comments: bool = True) -> list[str]:
     lines = []
     for quadrant, title in _GROUPS:
-        lines.append(f"{indent}<!-- {title} -->")
+        if comments:
+            lines.append(f"{indent}<!-- {title} -->")
         for label in fdi.FDI_LABELS:
             if label[0] != quadrant:
                 continue
@@ -35,8 +38,10 @@ def _label_lines(indent: str) -> list[str]:
 
 
 def render_label_config() -> str:
-    """The XML of toothseg's labeling config: Image + BrushLabels with the 52 FDI labels."""
+    """The XML of toothseg's labeling config: Image + BrushLabels with the 52 FDI labels, plus the
+    keypoint and rectangle tools that prompt SAM interactively (shown with Auto-Annotation on)."""
     labels = "\n".join(_label_lines("    "))
+    smart_labels = "\n".join(_label_lines("    ", comments=False))
     return f"""<View>
   <!-- toothseg: one brush mask per tooth, numbered in the FDI system.
        One hue family per quadrant: upper right red, upper left blue, lower left green,
@@ -48,5 +53,13 @@ def render_label_config() -> str:
   <BrushLabels name="{BRUSH_NAME}" toName="{IMAGE_NAME}" choice="single" showInline="false">
 {labels}
   </BrushLabels>
+  <!-- Interactive SAM (turn on Auto-Annotation): click a tooth, or drag a box around it, with its
+       number selected; the backend answers with that tooth's brush mask. -->
+  <KeyPointLabels name="{POINT_NAME}" toName="{IMAGE_NAME}" smart="true" smartOnly="true">
+{smart_labels}
+  </KeyPointLabels>
+  <RectangleLabels name="{BOX_NAME}" toName="{IMAGE_NAME}" smart="true" smartOnly="true">
+{smart_labels}
+  </RectangleLabels>
 </View>
 """

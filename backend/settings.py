@@ -67,6 +67,23 @@ class Settings:
         "Images with more pixels are refused (decompression-bomb guard).")
     max_download_bytes: int = _setting("MAX_DOWNLOAD_BYTES", "104857600", int, "Largest image download (bytes).")
     download_timeout: float = _setting("DOWNLOAD_TIMEOUT", "30", float, "Seconds per image download.")
+    max_request_bytes: int = _setting("MAX_REQUEST_BYTES", "52428800", int,
+        "Largest request body the backend accepts (bytes); larger ones get 413.")
+    retrain_min_new_annotations: int = _setting("RETRAIN_MIN_NEW_ANNOTATIONS", "10", int,
+        "Annotation webhooks retrain a project once this many annotations were created, updated or "
+        "deleted since the last training started. START_TRAINING always retrains.")
+    train_queue: str = _setting("TRAIN_QUEUE", "toothseg-train", str, "RQ queue of retraining jobs.")
+    train_job_timeout: int = _setting("TRAIN_JOB_TIMEOUT", "86400", int, "Seconds a retraining job may run.")
+    work_dir: Path | None = _setting("WORK_DIR", "", _path,
+        "Scratch space of retraining jobs (exported datasets, training runs). Empty: MODEL_DIR/.work.")
+    val_fraction: float = _setting("VAL_FRACTION", "0.2", float,
+        "Share of annotated tasks held out for the promotion gate (chosen by task id, stable across rounds).")
+    gate_tolerance: float = _setting("GATE_TOLERANCE", "0.01", float,
+        "A candidate is promoted unless its primary score (mean of instance Dice and IA) is lower than "
+        "the current model's by more than this.")
+    pseudo_label_threshold: float = _setting("PSEUDO_LABEL_THRESHOLD", "0", float,
+        "Semi-supervised step (off at 0): unannotated tasks whose prediction score (mean tooth confidence) "
+        "reaches this join the training split as pseudo-labels, marked in the manifest.")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":

@@ -1,0 +1,67 @@
+"""The inference pipeline for one image: detector -> FDI numbering -> SAM refinement -> instances."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.detector import Detector
+from backend.images import XrayImage
+from backend.instance import Instance, mask_box
+from backend.numbering import argmax_labels, number_teeth
+from backend.sam import SamRefiner
+from backend.timing import StageTimer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineOptions:
+    """min_score: weakest numbering probability kept; prior_weight: weight of the arch-order prior;
+    hungarian: False numbers each candidate by its top class (ablation); use_sam: refine with SAM
+    when a refiner is loaded."""
+
+    min_score: float = 0.25
+    prior_weight: float = 1.0
+    hungarian: bool = True
+    use_sam: bool = True
+
+
+class Pipeline:
+    """YOLOv8-seg candidates, numbered with the Hungarian algorithm, masks refined by SAM."""
+
+    def __init__(self, detector: Detector, refiner: SamRefiner | None = None,
+                 options: PipelineOptions | None = None):
+        self.detector = detector
+        self.refiner = refiner
+        self.options = options or PipelineOptions()
+
+    def run(self, image: XrayImage, timer: StageTimer | None = None) -> list[Instance]:
+        """One image -> numbered tooth instances (masks at the original size), in FDI order."""
+        timer = timer or StageTimer()
+        opts = self.options
+        with timer.stage("preprocess"):
+            x = self.detector.prepare(image.pixels)
+        with timer.stage("detector"):
+            candidates = self.detector.forward(x, image.pixels.shape[:2])
+        with timer.stage("numbering"):
+            if opts.hungarian:
+                numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, opts.min_score)
+            else:
+                numbered = argmax_labels(candidates.probs, opts.min_score)
+        with timer.stage("masks"):
+            indices = [a.index for a in numbered]
+            masks = candidates.masks(indices)
+        boxes = candidates.boxes[indices] if indices else np.zeros((0, 4))
+        if self.refiner is not None and opts.use_sam and indices:
+            with self.refiner.lock:
+                with timer.stage("sam_encoder"):
+                    self.refiner.set_image(image.pixels, image.sha1)
+                with timer.stage("sam_decoder"):
+                    masks = self.refiner.refine(boxes, masks).masks
+        instances = []
+        for a, mask in zip(numbered, masks):
+            if mask.any():
+                instances.append(Instance(mask=mask, label=a.label, score=a.score, box=mask_box(mask)))
+        return instances

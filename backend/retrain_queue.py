@@ -1,0 +1,197 @@
+"""Coalesced retraining jobs on Redis with rq: at most one job queued or running per project.
+
+Redis keys per project (prefix `toothseg:project:<id>:`):
+- `active`    the id of the project's queued or running retrain job (set NX: the coalescing lock)
+- `changed`   the annotations created, updated or deleted since the last export ("<id>@<updated_at>")
+- `requested` set when START_TRAINING arrived and no run has started on it yet
+
+An event first records itself (`changed` or `requested`), then tries to enqueue: nothing happens
+while `active` names a live job (the event is folded into the run, or into its one follow-up), or
+while fewer than RETRAIN_MIN_NEW_ANNOTATIONS annotations changed and no START_TRAINING is pending.
+The job (`training.jobs.retrain`) runs its work through `RetrainQueue.run`: `snapshot` when it
+starts, right before it exports (what was recorded until then is in its export); after a
+success the snapshot is consumed and one follow-up job is enqueued if events arrived since and
+warrant a run, otherwise `active` is released. After the final failure (rq retries export
+failures with backoff first) `active` is released. A job whose worker died is found by rq's
+StartedJobRegistry cleanup (abandoned -> failed, which runs the failure callback) when the next
+event looks at the project.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, TypeVar
+
+from redis import Redis
+from rq import Callback, Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+
+logger = logging.getLogger(__name__)
+
+JOB_FUNCTION = "training.jobs.retrain"
+RETRY = Retry(max=3, interval=[10, 30, 90])  # export failures (Label Studio down) back off, then fail
+T = TypeVar("T")
+_LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+def _key(project: str, what: str) -> str:
+    return f"toothseg:project:{project}:{what}"
+
+
+def annotation_key(annotation_id: Any, updated_at: Any = None) -> str:
+    """"<id>@<updated_at>" for a created/updated annotation ("<id>@deleted" without a time), with the
+    time normalised so a webhook's and an export's renderings of one instant compare equal."""
+    if not updated_at:
+        return f"{annotation_id}@deleted"
+    text = str(updated_at)
+    try:
+        text = datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(timezone.utc).isoformat()
+    except ValueError:
+        pass
+    return f"{annotation_id}@{text}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What an event did: status is 'enqueued', 'coalesced' or 'waiting'."""
+
+    status: str
+    job_id: str | None
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "job_id": self.job_id, "detail": self.detail}
+
+
+class RetrainQueue:
+    """The per-project coalescing logic over one rq queue."""
+
+    def __init__(self, redis: Redis, queue_name: str = "toothseg-train", min_new_annotations: int = 10,
+                 job_timeout: int = 86400, job_function: str = JOB_FUNCTION):
+        self.redis = redis
+        self.queue = Queue(queue_name, connection=redis)
+        self.min_new = max(1, int(min_new_annotations))
+        self.job_timeout = job_timeout
+        self.job_function = job_function
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings) -> "RetrainQueue":
+        return cls(redis, settings.train_queue, settings.retrain_min_new_annotations, settings.train_job_timeout)
+
+    # --- events --------------------------------------------------------------------------
+    def record_annotation(self, project: str, annotation_id: Any, updated_at: Any = None) -> None:
+        """Record a created/updated (`updated_at` given) or deleted (None) annotation."""
+        self.redis.sadd(_key(project, "changed"), annotation_key(annotation_id, updated_at))
+
+    def record_training_request(self, project: str) -> None:
+        self.redis.set(_key(project, "requested"), "1")
+
+    def pending(self, project: str) -> tuple[bool, int]:
+        """(START_TRAINING pending, number of changed annotations) since the last snapshot."""
+        return bool(self.redis.exists(_key(project, "requested"))), int(self.redis.scard(_key(project, "changed")))
+
+    def maybe_enqueue(self, project: str) -> Decision:
+        """Enqueue a retrain job for `project` if one is warranted and none is queued or running."""
+        active = self.active_job(project)
+        if active is not None:
+            return Decision("coalesced", active, "a retrain job for this project is already queued or running; "
+                                                 "this event is folded into it or into its one follow-up")
+        requested, changed = self.pending(project)
+        if not requested and changed < self.min_new:
+            return Decision("waiting", None, f"{changed} of {self.min_new} changed annotations needed to retrain "
+                                             f"(RETRAIN_MIN_NEW_ANNOTATIONS)")
+        job_id = f"retrain-{project}-{uuid.uuid4().hex[:12]}"
+        if not self.redis.set(_key(project, "active"), job_id, nx=True):
+            return Decision("coalesced", None, "a simultaneous event enqueued the job")
+        try:
+            self._enqueue(project, job_id, "START_TRAINING" if requested else f"{changed} changed annotations")
+        except Exception:
+            self.redis.delete(_key(project, "active"))
+            raise
+        return Decision("enqueued", job_id, "retrain job queued")
+
+    def _enqueue(self, project: str, job_id: str, reason: str, function: str | None = None) -> Job:
+        logger.info("project %s: enqueue retrain job %s (%s)", project, job_id, reason)
+        return self.queue.enqueue(
+            function or self.job_function, project, reason, job_id=job_id, job_timeout=self.job_timeout, result_ttl=7 * 86400,
+            failure_ttl=7 * 86400, retry=RETRY, description=f"retrain project {project} ({reason})",
+            on_failure=Callback(on_job_failure), meta={"project": project, "stage": "queued"},
+        )
+
+    # --- the job's side ------------------------------------------------------------------
+    def snapshot(self, project: str) -> set[str]:
+        """Called when a job starts, right before its export: clears START_TRAINING and returns the
+        changed annotation ids recorded so far (all of them are in the export that follows)."""
+        self.redis.delete(_key(project, "requested"))
+        return {m.decode() for m in self.redis.smembers(_key(project, "changed"))}
+
+    def consume(self, project: str, snapshot: set[str]) -> None:
+        """Called after a successful run: the snapshot's changes are now trained on."""
+        if snapshot:
+            self.redis.srem(_key(project, "changed"), *snapshot)
+
+    def finish(self, project: str, job: Job, failed: bool = False) -> Decision | None:
+        """Called when a job ends. After a success, enqueue the one follow-up if events since its
+        snapshot warrant it (same job function), else release the project. After a final failure
+        just release it: the next event starts afresh (no retry storm while Label Studio is down)."""
+        if (self.redis.get(_key(project, "active")) or b"").decode() != job.id:
+            return None
+        requested, changed = self.pending(project)
+        if not failed and (requested or changed >= self.min_new):
+            follow = f"retrain-{project}-{uuid.uuid4().hex[:12]}"
+            self.redis.set(_key(project, "active"), follow)
+            self._enqueue(project, follow, "follow-up: events during the previous run", job.func_name)
+            return Decision("enqueued", follow, "follow-up")
+        self.redis.delete(_key(project, "active"))
+        return None
+
+    def run(self, project: str, job: Job, work: Callable[[Callable[[Iterable[str]], None]], T]) -> T:
+        """Run `work(covered)` as the project's active job `job`: snapshot, work, consume, finish.
+
+        `work` reports the `annotation_key`s its export contained through `covered`; their events
+        are consumed too, even when they arrived after the snapshot (the START_TRAINING +
+        ANNOTATION_CREATED pair of one annotation thus stays one job). An exception propagates to
+        rq (retry with backoff; the final failure reaches `on_job_failure`)."""
+        snapshot = self.snapshot(project)
+        covered: set[str] = set()
+        result = work(covered.update)
+        self.consume(project, snapshot | covered)
+        self.finish(project, job)
+        return result
+
+    # --- state ---------------------------------------------------------------------------
+    def active_job(self, project: str) -> str | None:
+        """The project's live queued/running job id; a stale entry (job gone, ended, or abandoned by a
+        dead worker) is released."""
+        raw = self.redis.get(_key(project, "active"))
+        if raw is None:
+            return None
+        job_id = raw.decode()
+        StartedJobRegistry(self.queue.name, connection=self.redis).cleanup()  # abandoned jobs -> failed
+        try:
+            status = Job.fetch(job_id, connection=self.redis).get_status()
+        except NoSuchJobError:
+            status = None
+        if status in _LIVE:
+            return job_id
+        logger.warning("project %s: releasing stale retrain job %s (status %s)", project, job_id, status)
+        self.redis.delete(_key(project, "active"))
+        return None
+
+
+def on_job_failure(job: Job, connection: Redis, exc_type, exc_value, traceback) -> None:
+    """rq failure callback: on the final failure (no retry left) release the project or enqueue its
+    follow-up. Also runs for jobs rq finds abandoned by a dead worker."""
+    if job.should_retry:
+        return
+    project = (job.meta or {}).get("project")
+    if project:
+        job.meta.update(stage="failed", error=f"{getattr(exc_type, '__name__', 'Error')}: {exc_value}")
+        job.save_meta()
+        from backend.settings import Settings
+
+        RetrainQueue.from_settings(connection, Settings.from_env()).finish(project, job, failed=True)

@@ -1,0 +1,146 @@
+"""What a backend process loads once and shares between requests: SAM, and one detector per
+project at its current version.
+
+Models load lazily on the first `/predict` that needs them, never in `/setup` (which must answer
+within Label Studio's 3 s). The current version is read from the registry on every call (one
+small file read), so a promotion by the worker is picked up without a restart; the replaced
+version's detector is dropped, keeping one model copy per project. A version whose weights fail
+to load is logged, remembered, and the registry's previous current version is served instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backend.detector import Detector
+from backend.pipeline import Pipeline, PipelineOptions
+from backend.registry import Registry, project_key
+from backend.sam import EmbeddingCache, SamRefiner, build_sam, file_identity
+from backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+NO_MODEL_VERSION = "toothseg-untrained"
+
+
+@dataclass
+class Served:
+    """The model serving a project: its version string and pipeline (None: no model yet)."""
+
+    version: str
+    pipeline: Pipeline | None
+
+
+class Runtime:
+    """Process-wide model state. Thread-safe."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = Registry(settings.model_dir)
+        self._lock = threading.RLock()
+        self._detectors: dict[str, tuple[str, Detector]] = {}  # project -> (version, detector)
+        self._broken: set[tuple[str, str]] = set()  # (project, version) that failed to load
+        self._refiner: SamRefiner | None = None
+        self._refiner_loaded = False
+        self._base: tuple[str, Detector] | None = None
+        if settings.torch_threads > 0:
+            torch.set_num_threads(settings.torch_threads)
+        if settings.sam_checkpoint is None:
+            logger.warning("SAM_CHECKPOINT is not set: pre-annotations use YOLO's own masks, without SAM refinement")
+
+    # --- versions (cheap) -----------------------------------------------------------------
+    def base_version(self) -> str:
+        """Version name before a project's first trained model: from YOLO_WEIGHTS, or 'untrained'."""
+        weights = self.settings.yolo_weights
+        if weights is None:
+            return NO_MODEL_VERSION
+        return f"base-{hashlib.sha1(str(weights.resolve()).encode()).hexdigest()[:8]}"
+
+    def version(self, project) -> str:
+        """The version `/setup` reports: the current registry version (or the fallback actually
+        served when it failed to load), else the base version. No model is loaded."""
+        key = project_key(project)
+        for version in self.registry.fallback_chain(key):
+            if (key, version) not in self._broken:
+                return version
+        return self.base_version()
+
+    # --- models (lazy) --------------------------------------------------------------------
+    def refiner(self) -> SamRefiner | None:
+        """The SAM refiner, built on first use; None when SAM_CHECKPOINT is not configured."""
+        with self._lock:
+            if not self._refiner_loaded:
+                self._refiner_loaded = True
+                s = self.settings
+                if s.sam_checkpoint is not None:
+                    logger.info("loading SAM %s from %s", s.sam_model_type, s.sam_checkpoint)
+                    sam = build_sam(s.sam_model_type, s.sam_checkpoint, s.device)
+                    cache = EmbeddingCache(s.embedding_cache_size, s.embedding_cache_dir)
+                    self._refiner = SamRefiner(sam, f"{s.sam_model_type}-{file_identity(s.sam_checkpoint)}", cache,
+                                               s.sam_batch_size, s.sam_min_iou, s.sam_min_agreement)
+            return self._refiner
+
+    def _load_detector(self, weights: Path) -> Detector:
+        return Detector.load(weights, device=self.settings.device, conf=self.settings.detector_conf)
+
+    def detector(self, project) -> tuple[str, Detector | None]:
+        """(version, detector) serving `project`: the newest loadable version of its fallback chain,
+        else YOLO_WEIGHTS, else (untrained, None)."""
+        key = project_key(project)
+        with self._lock:
+            for version in self.registry.fallback_chain(key):
+                if (key, version) in self._broken:
+                    continue
+                cached = self._detectors.get(key)
+                if cached and cached[0] == version:
+                    return cached
+                try:
+                    model = self.registry.get(key, version)
+                    detector = self._load_detector(model.weights)
+                except Exception as exc:  # corrupt or missing weights: serve the previous version
+                    logger.error("project %s: model version %s cannot be loaded (%s: %s); falling back to the "
+                                 "previous version", key, version, exc.__class__.__name__, exc)
+                    self._broken.add((key, version))
+                    continue
+                logger.info("project %s: loaded model version %s", key, version)
+                self._detectors[key] = (version, detector)
+                return version, detector
+            self._detectors.pop(key, None)
+            if self.settings.yolo_weights is not None:
+                if self._base is None:
+                    self._base = (self.base_version(), self._load_detector(self.settings.yolo_weights))
+                return self._base
+            return NO_MODEL_VERSION, None
+
+    def serve(self, project, options: PipelineOptions | None = None) -> Served:
+        """The pipeline for a project's current model (None before any model exists)."""
+        version, detector = self.detector(project)
+        if detector is None:
+            return Served(version, None)
+        opts = options or PipelineOptions(min_score=self.settings.score_threshold)
+        return Served(version, Pipeline(detector, self.refiner(), opts))
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The process's Runtime, created from the environment on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime(Settings.from_env())
+        return _runtime
+
+
+def reset_runtime(runtime: Runtime | None = None) -> None:
+    """Replace the process's Runtime (tests, or after changing settings)."""
+    global _runtime
+    with _runtime_lock:
+        _runtime = runtime

@@ -1,0 +1,222 @@
+"""SAM box refinement (paper, section 2.2) with cached image embeddings.
+
+One image embedding per image (`SamPredictor.set_image`, the expensive encoder), then every
+tooth box is a prompt to the cheap mask decoder, `batch_size` boxes per call (on a CPU one box
+per call measured fastest; see bench/). For each box SAM's single best mask is kept unless its
+predicted IoU is below `min_iou` or it overlaps YOLO's own mask by less than `min_agreement`
+(IoU); then YOLO's mask stays.
+
+Embeddings are cached by image content hash and checkpoint identity: in memory (LRU) and,
+optionally, on disk, so re-predicting an image after a retrain skips the encoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor, sam_model_registry
+from segment_anything.build_sam import _build_sam
+from segment_anything.modeling import Sam
+
+logger = logging.getLogger(__name__)
+
+SAM_BUILDERS: dict[str, Callable[..., Sam]] = {
+    **{k: v for k, v in sam_model_registry.items() if k != "default"},
+    # A 5 M-parameter encoder with SAM's interfaces, for tests and smoke runs on small machines.
+    "vit_tiny": partial(_build_sam, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2,
+                        encoder_global_attn_indexes=[1]),
+}
+
+
+def build_sam(model_type: str, checkpoint: Path | None, device: str = "cpu") -> Sam:
+    """Build a SAM with `segment_anything`'s builders and load `checkpoint` (a state_dict .pth)."""
+    if model_type not in SAM_BUILDERS:
+        raise ValueError(f"unknown SAM model type {model_type!r} (one of {sorted(SAM_BUILDERS)})")
+    sam = SAM_BUILDERS[model_type](checkpoint=None)
+    if checkpoint is not None:
+        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+        if isinstance(state.get("model"), dict):  # {"model": state_dict} wrappers
+            state = state["model"]
+        sam.load_state_dict(state)
+    return sam.to(device).eval()
+
+
+def file_identity(path: Path) -> str:
+    """sha1 of a checkpoint file's bytes (first 16 hex digits): the embedding cache key part."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Embedding:
+    """SamPredictor state after set_image: features (1, 256, 64, 64), sizes (H, W)."""
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+class EmbeddingCache:
+    """LRU of image embeddings in memory, backed by files in `directory` when given."""
+
+    def __init__(self, capacity: int = 16, directory: Path | None = None):
+        self.capacity = max(0, int(capacity))
+        self.directory = Path(directory) if directory else None
+        self._items: OrderedDict[str, Embedding] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def _file(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.pt"
+
+    def get(self, key: str) -> Embedding | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+        if self.directory is not None and self._file(key).exists():
+            try:
+                data = torch.load(self._file(key), map_location="cpu", weights_only=True)
+                emb = Embedding(data["features"], tuple(data["original_size"]), tuple(data["input_size"]))
+            except Exception as exc:  # a torn or foreign file: recompute
+                logger.warning("ignoring unreadable cached embedding %s: %s", self._file(key).name, exc)
+            else:
+                self._remember(key, emb)
+                self.hits += 1
+                return emb
+        self.misses += 1
+        return None
+
+    def put(self, key: str, emb: Embedding) -> None:
+        self._remember(key, emb)
+        if self.directory is not None:
+            target = self._file(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+            os.close(fd)
+            try:
+                torch.save({"features": emb.features.cpu(), "original_size": list(emb.original_size),
+                            "input_size": list(emb.input_size)}, tmp)
+                os.replace(tmp, target)
+            except OSError as exc:
+                logger.warning("could not write embedding cache file %s: %s", target, exc)
+                Path(tmp).unlink(missing_ok=True)
+
+    def _remember(self, key: str, emb: Embedding) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._items[key] = emb
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items or (self.directory is not None and self._file(key).exists())
+
+
+@dataclass
+class Refinement:
+    """Per box: final mask (k, H, W) bool, SAM's predicted IoU (k,), whether SAM's mask was used (k,)."""
+
+    masks: np.ndarray
+    sam_iou: np.ndarray
+    used_sam: np.ndarray
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+class SamRefiner:
+    """Box prompts on a cached embedding. Thread-safe: SamPredictor is stateful, so one image at
+    a time holds the predictor."""
+
+    def __init__(self, sam: Sam, checkpoint_id: str, cache: EmbeddingCache | None = None, batch_size: int = 1,
+                 min_iou: float = 0.75, min_agreement: float = 0.5):
+        self.predictor = SamPredictor(sam)
+        self.checkpoint_id = checkpoint_id
+        self.cache = cache or EmbeddingCache()
+        self.batch_size = max(1, int(batch_size))
+        self.min_iou = min_iou
+        self.min_agreement = min_agreement
+        self.lock = threading.RLock()
+
+    def key(self, image_sha1: str) -> str:
+        return f"{image_sha1}-{self.checkpoint_id}"
+
+    def set_image(self, pixels: np.ndarray, image_sha1: str) -> bool:
+        """Make `pixels` (H, W) uint8 the predictor's image; True if its embedding came from the cache.
+        Call with `lock` held."""
+        key = self.key(image_sha1)
+        emb = self.cache.get(key)
+        p = self.predictor
+        if emb is not None:
+            p.reset_image()
+            p.features = emb.features.to(p.device)
+            p.original_size, p.input_size = emb.original_size, emb.input_size
+            p.is_image_set = True
+            return True
+        p.set_image(np.repeat(pixels[:, :, None], 3, axis=2), image_format="RGB")
+        self.cache.put(key, Embedding(p.features.detach().cpu(), tuple(p.original_size), tuple(p.input_size)))
+        return False
+
+    def embed(self, pixels: np.ndarray, image_sha1: str) -> bool:
+        """Compute (or find) the embedding of an image without prompting; True if it was cached."""
+        with self.lock:
+            return self.set_image(pixels, image_sha1)
+
+    def decode_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (k, 4) original pixels -> best masks (k, H, W) bool and predicted IoUs (k,) on the
+        current image. Call with `lock` held, after `set_image`."""
+        p = self.predictor
+        h, w = p.original_size
+        if len(boxes) == 0:
+            return np.zeros((0, h, w), bool), np.zeros((0,), np.float32)
+        masks, ious = [], []
+        with torch.no_grad():
+            for start in range(0, len(boxes), self.batch_size):
+                chunk = torch.as_tensor(boxes[start:start + self.batch_size], dtype=torch.float32, device=p.device)
+                chunk = p.transform.apply_boxes_torch(chunk, p.original_size)
+                m, iou, _ = p.predict_torch(None, None, boxes=chunk, multimask_output=False)
+                masks.append(m[:, 0].cpu().numpy())
+                ious.append(iou[:, 0].cpu().numpy())
+        return np.concatenate(masks), np.concatenate(ious)
+
+    def refine(self, boxes: np.ndarray, yolo_masks: np.ndarray) -> Refinement:
+        """Refine YOLO's masks (k, H, W) inside their boxes (k, 4) on the current image.
+        Call with `lock` held, after `set_image`."""
+        sam_masks, sam_iou = self.decode_boxes(boxes)
+        used = np.zeros(len(boxes), dtype=bool)
+        final = yolo_masks.copy()
+        for i in range(len(boxes)):
+            if sam_iou[i] >= self.min_iou and _mask_iou(sam_masks[i], yolo_masks[i]) >= self.min_agreement:
+                final[i] = sam_masks[i]
+                used[i] = True
+        return Refinement(final, sam_iou, used)
+
+    def prompt(self, pixels: np.ndarray, image_sha1: str, box: np.ndarray | None = None,
+               points: np.ndarray | None = None, point_labels: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """Interactive prompt: a box (4,) and/or points (p, 2) with labels (p,) 1=foreground 0=background,
+        original pixels -> SAM's best mask (H, W) bool and its predicted IoU."""
+        with self.lock:
+            self.set_image(pixels, image_sha1)
+            masks, scores, _ = self.predictor.predict(point_coords=points, point_labels=point_labels,
+                                                      box=box, multimask_output=box is None)
+        best = int(np.argmax(scores))
+        return masks[best].astype(bool), float(scores[best])

@@ -1,0 +1,214 @@
+"""Shared fixtures: real Redis, a tiny YOLOv8-seg trained here on synthetic X-rays, a small SAM
+built by segment_anything's builders, and the backend under gunicorn.
+
+The tiny detector is trained once per test session (about 3 minutes on 2 cores); its weights
+are cached under .pytest_cache keyed by the code and data that produce them, so a rerun with
+unchanged training code reuses them. `pytest --cache-clear` retrains.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+
+import backend  # noqa: E402,F401  (prepares ultralytics for offline use)
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SYNTH_SIZE = (640, 320)
+BASE_TRAIN = dict(epochs=80, batch=4, imgsz=320, lr0=0.02, mosaic=0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}:\n{tail}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not up after {timeout} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+class RedisServer:
+    def __init__(self, directory: Path, appendonly: bool = False):
+        self.directory = directory
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.directory), "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--protected-mode", "yes"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        import redis
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url).ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushdb()
+    return redis_server.url
+
+
+# --- data and models ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from training.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(out, n=24, seed=7, size=SYNTH_SIZE, progress=False)
+    return out
+
+
+def _code_hash(*extra: object) -> str:
+    h = hashlib.sha1(repr(extra).encode())
+    for rel in ("training/synth.py", "training/train.py", "training/model_changes.py", "training/dataset.py",
+                "backend/yolo_model.py", "backend/preprocess.py", "backend/formats.py"):
+        h.update((REPO / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def trained_weights(request, tmp_path_factory) -> Path:
+    """A YOLOv8n-seg trained here on 24 synthetic X-rays (80 epochs at imgsz 320)."""
+    from backend.preprocess import pixel_statistics
+    from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
+    from training.synth import generate
+    from training.train import TrainConfig, train_model
+
+    cache = Path(request.config.cache.mkdir("toothseg")) / f"base-{_code_hash(BASE_TRAIN, SYNTH_SIZE)}.pt"
+    if cache.exists():
+        return cache
+    work = tmp_path_factory.mktemp("base-model")
+    items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
+             enumerate(generate(1000 + i, SYNTH_SIZE) for i in range(24))]
+    train, val = split_train_val([it.key for it in items], 0.15)
+    data = write_yolo_dataset([it for it in items if it.key in train], [it for it in items if it.key in val],
+                              work / "dataset")
+    mean, std = pixel_statistics([it.pixels for it in items if it.key in train])
+    result = train_model(data, work / "run", TrainConfig(**BASE_TRAIN), mean, std)
+    shutil.copyfile(result.weights, cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def sam_checkpoint(tmp_path_factory) -> Path:
+    """A vit_tiny SAM (segment_anything's builders, random weights), saved as a checkpoint file."""
+    import torch
+
+    from backend.sam import SAM_BUILDERS
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
+    torch.save(SAM_BUILDERS["vit_tiny"](checkpoint=None).state_dict(), path)
+    return path
+
+
+def register_model(model_dir: Path, project: str, weights: Path, **meta) -> str:
+    """Store `weights` as a promoted version of `project` in the registry at `model_dir`."""
+    from backend.registry import Registry
+    from training.promotion import promote, store_version
+
+    registry = Registry(model_dir)
+    version = store_version(registry, project, weights, {"normalisation": {"mean": 0.4, "std": 0.2}, **meta},
+                            {"tasks": []})
+    promote(registry, project, version.version, "test fixture")
+    return version.version
+
+
+# --- the backend under gunicorn -----------------------------------------------------------------
+
+class BackendServer:
+    def __init__(self, env: dict[str, str], log: Path, threads: int = 4):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{self.port}", "--workers", "1",
+               "--threads", str(threads), "--timeout", "600", "backend.app:create_app()"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=open(log, "wb"),
+                                     stderr=subprocess.STDOUT)
+        wait_http(f"{self.url}/health", 60, self.proc, log)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+@pytest.fixture
+def start_backend(tmp_path):
+    servers = []
+
+    def start(**env) -> BackendServer:
+        env = {k: str(v) for k, v in env.items()}
+        env.setdefault("MODEL_DIR", str(tmp_path / "models"))
+        server = BackendServer(env, tmp_path / f"backend-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,196 @@
+"""Coalescing of retrain jobs on real Redis with a real `rq worker` process."""
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job
+
+from backend.retrain_queue import RetrainQueue, annotation_key
+from backend.settings import Settings
+from backend.webhooks import handle_webhook
+from conftest import REPO, VENV_BIN, stop
+
+QUEUE = "toothseg-train-test"
+JOB = "jobs_for_tests.slow_job"
+
+
+def worker_env(redis_url, **extra):
+    return {**os.environ, "REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "RETRAIN_MIN_NEW_ANNOTATIONS": "1",
+            "PYTHONPATH": str(REPO / "tests"), **{k: str(v) for k, v in extra.items()}}
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    procs = []
+
+    def start(redis_url, **extra):
+        log = tmp_path / f"worker-{len(procs)}.log"
+        proc = subprocess.Popen([str(VENV_BIN / "rq"), "worker", QUEUE, "--url", redis_url, "--with-scheduler",
+                                 "--path", str(REPO / "tests"), "--job-monitoring-interval", "5"], cwd=REPO, env=worker_env(redis_url, **extra),
+                                stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        stop(proc)
+
+
+def queue_for(redis_url, min_new=1):
+    return RetrainQueue(redis.Redis.from_url(redis_url), QUEUE, min_new, job_timeout=600, job_function=JOB)
+
+
+def event(q, project, annotation_id=None, start_training=False):
+    """What backend.webhooks does for one event."""
+    if start_training:
+        q.record_training_request(project)
+    else:
+        q.record_annotation(project, annotation_id, "2026-11-27T10:00:00.000000Z")
+    return q.maybe_enqueue(project)
+
+
+def runs(redis_url):
+    return [r.decode() for r in redis.Redis.from_url(redis_url).lrange("test:runs", 0, -1)]
+
+
+def wait_idle(q, project, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if q.active_job(project) is None:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("jobs still active")
+
+
+def test_burst_gives_one_or_two_jobs_never_n(redis_url, start_worker):
+    start_worker(redis_url, SLOW_JOB_SECONDS=1)
+    q = queue_for(redis_url)
+    decisions = [event(q, "7", annotation_id=i).status for i in range(20)]
+    assert decisions.count("enqueued") == 1 and decisions.count("coalesced") == 19
+    wait_idle(q, "7")
+    assert 1 <= len(runs(redis_url)) <= 2
+
+
+def test_burst_during_a_run_gives_exactly_one_follow_up(redis_url, start_worker):
+    start_worker(redis_url, SLOW_JOB_SECONDS=3)
+    q = queue_for(redis_url)
+    assert event(q, "7", start_training=True).status == "enqueued"
+    deadline = time.monotonic() + 30
+    while not runs(redis_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(runs(redis_url)) == 1  # the first run has started
+    for i in range(10):
+        assert event(q, "7", annotation_id=100 + i).status == "coalesced"
+    wait_idle(q, "7")
+    assert len(runs(redis_url)) == 2
+    assert "follow-up" in runs(redis_url)[1]
+    assert q.pending("7") == (False, 0)
+
+
+def test_start_training_and_annotation_created_pair_is_one_job(redis_url, start_worker):
+    r = redis.Redis.from_url(redis_url)
+    # the run's export holds the annotation, even if its event arrives after the job started
+    r.sadd("test:exported", annotation_key(55, "2026-11-27T10:00:00.000000Z"))
+    start_worker(redis_url, SLOW_JOB_SECONDS=1)
+    q = queue_for(redis_url)
+    assert event(q, "9", start_training=True).status == "enqueued"
+    time.sleep(0.5)  # the worker has picked it up by now
+    assert event(q, "9", annotation_id=55).status == "coalesced"
+    wait_idle(q, "9")
+    assert len(runs(redis_url)) == 1
+
+
+def test_threshold_and_projects_are_independent(redis_url):
+    q = queue_for(redis_url, min_new=3)
+    assert event(q, "1", annotation_id=1).status == "waiting"
+    assert event(q, "1", annotation_id=1).status == "waiting"  # the same annotation again
+    assert event(q, "1", annotation_id=2).status == "waiting"
+    assert event(q, "2", annotation_id=1).status == "waiting"
+    assert event(q, "1", annotation_id=3).status == "enqueued"
+    assert event(q, "2", start_training=True).status == "enqueued"
+    assert len(Queue(QUEUE, connection=q.redis)) == 2
+
+
+def test_failed_job_is_retried_then_releases_the_project(redis_url, start_worker, monkeypatch):
+    import backend.retrain_queue as rq_module
+    from rq import Retry
+
+    monkeypatch.setattr(rq_module, "RETRY", Retry(max=2, interval=[1, 1]))
+    r = redis.Redis.from_url(redis_url)
+    r.set("test:fail", "1")
+    start_worker(redis_url, SLOW_JOB_SECONDS=0.1)
+    q = queue_for(redis_url)
+    decision = event(q, "3", start_training=True)
+    wait_idle(q, "3", timeout=90)
+    assert len(runs(redis_url)) == 3  # first try + 2 retries
+    job = Job.fetch(decision.job_id, connection=r)
+    assert job.get_status() == "failed"
+    assert "Label Studio is unreachable" in job.meta["error"]
+    r.delete("test:fail")
+    assert event(q, "3", start_training=True).status == "enqueued"  # the project is free again
+
+
+@pytest.mark.slow
+def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_worker):
+    r = redis.Redis.from_url(redis_url)
+    worker = start_worker(redis_url, SLOW_JOB_SECONDS=300)
+    q = queue_for(redis_url)
+    first = event(q, "4", start_training=True)
+    deadline = time.monotonic() + 30
+    while not runs(redis_url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker.kill()  # SIGKILL mid-run: no cleanup code of the worker runs
+    worker.wait()
+    subprocess.run(["pkill", "-KILL", "-f", f"rq worker {QUEUE}"], check=False)  # and its work horse
+    assert event(q, "4", start_training=True).status == "coalesced"  # still looks alive to rq
+    time.sleep(62)  # a replacement worker comes up a minute later (the dead one's scheduler lock has lapsed)
+    start_worker(redis_url, SLOW_JOB_SECONDS=0.1)
+    # rq finds the job abandoned once its heartbeat lapses (job monitoring interval + 60 s) and
+    # retries it; the retry's fresh export covers the START_TRAINING recorded meanwhile
+    wait_idle(q, "4", timeout=120)
+    assert runs(redis_url) == [f"{first.job_id}|START_TRAINING"] * 2
+    assert Job.fetch(first.job_id, connection=r).get_status() == "finished"  # its retry finished
+    assert event(q, "4", start_training=True).status == "enqueued"
+
+
+def test_webhook_endpoint_answers_fast_and_503_without_redis(start_backend, redis_url, tmp_path):
+    server = start_backend(REDIS_URL=redis_url, TRAIN_QUEUE=QUEUE, RETRAIN_MIN_NEW_ANNOTATIONS=2)
+    payload = {"action": "ANNOTATION_CREATED", "project": {"id": 5, "title": "x"},
+               "annotation": {"id": 1, "task": 3, "result": [], "was_cancelled": False,
+                              "updated_at": "2026-11-27T10:00:00.000000Z"}}
+    times = []
+    for i, expected in ((1, "waiting"), (2, "enqueued"), (3, "coalesced")):
+        payload["annotation"]["id"] = i
+        t = time.perf_counter()
+        r = httpx.post(f"{server.url}/webhook", json=payload)
+        times.append(time.perf_counter() - t)
+        assert r.json()["status"] == expected
+    assert r.status_code == 200 and sorted(times)[1] < 0.1, times
+    ignored = httpx.post(f"{server.url}/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 5}})
+    assert ignored.status_code == 200 and ignored.json()["status"] == "ignored"
+    bad = httpx.post(f"{server.url}/webhook", content=b"{", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400
+    assert httpx.post(f"{server.url}/webhook", json={"project": {"id": 5}}).status_code == 400
+
+    dead = start_backend(REDIS_URL="redis://127.0.0.1:1/0")
+    r = httpx.post(f"{dead.url}/webhook", json={"action": "START_TRAINING", "project": {"id": 5}})
+    assert r.status_code == 503 and "unavailable" in r.json()["error"]
+    # predictions are still served without Redis
+    assert httpx.post(f"{dead.url}/setup", json={"project": "5.1", "schema": open(REPO / "label_studio_config.xml").read()}
+                      ).status_code == 200
+
+
+def test_handle_webhook_records_annotation_times(redis_url):
+    settings = Settings.from_env({"REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "RETRAIN_MIN_NEW_ANNOTATIONS": "5"})
+    body, status = handle_webhook({"action": "ANNOTATION_UPDATED", "project": {"id": 8},
+                                   "annotation": {"id": 3, "updated_at": "2026-11-27T10:00:00Z"}}, settings)
+    assert status == 200 and body["status"] == "waiting" and "1 of 5" in body["detail"]
+    body, _ = handle_webhook({"action": "ANNOTATIONS_DELETED", "project": {"id": 8},
+                              "annotations": [{"id": 3}, {"id": 4}]}, settings)
+    members = {m.decode() for m in redis.Redis.from_url(redis_url).smembers("toothseg:project:8:changed")}
+    assert members == {"3@2026-11-27T10:00:00+00:00", "3@deleted", "4@deleted"}
