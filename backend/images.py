@@ -103,7 +103,9 @@ def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndar
             im = ImageOps.exif_transpose(im)
     except ImageError:
         raise
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):
+        # ImportError: ultralytics patches Image.open to retry unknown files with the optional
+        # pi-heif plugin, which is not installed (and never installed at run time here)
         raise ImageError(f"{source}: not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated files, broken chunks
         raise ImageError(f"{source}: corrupt or truncated image ({exc})") from None

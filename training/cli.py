@@ -43,6 +43,158 @@ def cmd_label_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings():
+    from backend.settings import Settings
+
+    return Settings.from_env()
+
+
+def _project_arg(registry, project: str | None) -> str:
+    """The --project given, or the registry's only project."""
+    if project:
+        from backend.registry import project_key
+
+        return project_key(project)
+    projects = registry.projects()
+    if len(projects) != 1:
+        raise CLIError(f"--project is required ({'projects: ' + ', '.join(projects) if projects else 'no models yet'})")
+    return projects[0]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from backend.registry import Registry
+    from training.history import describe, format_table, plot_history, version_rows
+    from training.promotion import rollback
+
+    registry = Registry(_settings().model_dir)
+    project = _project_arg(registry, args.project)
+    if args.action == "list":
+        print(format_table(version_rows(registry, project)))
+    elif args.action == "show":
+        print(describe(registry.get(project, _need_version(args))))
+    elif args.action == "rollback":
+        version = _need_version(args)
+        rollback(registry, project, version)
+        print(f"project {project}: current model is now {version}")
+    elif args.action == "plot":
+        out = Path(args.out or f"toothseg-project{project}-history.png")
+        print(plot_history(version_rows(registry, project), out, f"project {project}"))
+    return 0
+
+
+def _need_version(args: argparse.Namespace) -> str:
+    if not args.version:
+        raise CLIError(f"models {args.action} needs a VERSION (see `toothseg models list`)")
+    return args.version
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import redis
+
+    from training.status import collect, format_status
+
+    settings = _settings()
+    try:
+        data = collect(settings, [settings.train_queue, *args.queue])
+    except redis.RedisError as exc:
+        raise CLIError(f"Redis at {settings.redis_url} is unavailable: {exc}") from None
+    print(format_status(data))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import redis
+
+    from backend.retrain_queue import RetrainQueue
+    from backend.registry import project_key
+
+    settings = _settings()
+    project = project_key(args.project)
+    if args.now:
+        from training.jobs import run_retrain
+
+        print(run_retrain(project, settings, f"cli-{project}"))
+        return 0
+    try:
+        queue = RetrainQueue.from_settings(redis.Redis.from_url(settings.redis_url), settings)
+        queue.record_training_request(project)
+        decision = queue.maybe_enqueue(project)
+    except redis.RedisError as exc:
+        raise CLIError(f"Redis at {settings.redis_url} is unavailable: {exc}") from None
+    print(f"project {project}: {decision.status} {decision.job_id or ''} ({decision.detail})")
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from training.bootstrap import BootstrapConfig, bootstrap
+
+    env = os.environ
+    config_path = Path(env.get("LABEL_CONFIG_PATH") or Path(__file__).resolve().parents[1] / "label_studio_config.xml")
+    if not config_path.exists():
+        from backend.label_config import render_label_config
+
+        label_config = render_label_config()
+    else:
+        label_config = config_path.read_text()
+    missing = [k for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BACKEND_URL") if not env.get(k)]
+    if missing:
+        raise CLIError(f"set {', '.join(missing)} (see README, configuration)")
+    cfg = BootstrapConfig(
+        label_studio_url=env["LABEL_STUDIO_URL"], api_key=env["LABEL_STUDIO_API_KEY"], backend_url=env["BACKEND_URL"],
+        label_config=label_config, project_title=env.get("PROJECT_TITLE", "toothseg"),
+        images_dir=Path(env["IMAGES_DIR"]) if env.get("IMAGES_DIR") else None,
+        train_after=int(env.get("TRAIN_AFTER_ANNOTATIONS", "0")),
+        basic_auth_user=env.get("BASIC_AUTH_USER", ""), basic_auth_pass=env.get("BASIC_AUTH_PASS", ""))
+    try:
+        result = bootstrap(cfg, wait=args.wait)
+    except TimeoutError as exc:
+        raise CLIError(str(exc)) from None
+    print(json.dumps(result) if args.json else
+          f"project {result['project']} ({result['tasks']} tasks), ML backend {result['ml_backend']}; "
+          f"created: {', '.join(result['created']) or 'nothing (already set up)'}")
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    import time
+
+    from training.stack import Stack
+
+    stack = Stack(data=Path(args.data), images=Path(args.images or Path(args.data) / "images"))
+    if args.action == "down":
+        stack.down()
+        print(f"stack in {stack.data} stopped")
+        return 0
+    if args.action == "status":
+        for name, alive in stack.status().items():
+            print(f"{name}: {'running' if alive else 'stopped'}")
+        return 0
+    try:
+        result = stack.up()
+    except (RuntimeError, TimeoutError) as exc:
+        print(stack.log_tails(), file=sys.stderr)
+        stack.down()
+        raise CLIError(str(exc)) from None
+    print(f"Label Studio {stack.label_studio_url} (user {stack.setting('LABEL_STUDIO_USERNAME')}), backend "
+          f"{stack.backend_url}, project {result['project']} with {result['tasks']} tasks; logs in {stack.data / 'logs'}")
+    if args.detach:
+        print(f"running in the background: `toothseg stack down --data {args.data}` stops it")
+        return 0
+    print("Ctrl-C stops the stack")
+    try:
+        while all(stack.status().values()):
+            time.sleep(2)
+        print("a service exited:", {k: v for k, v in stack.status().items() if not v}, file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.down()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toothseg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -61,6 +213,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("label-config", help="print the labeling config (label_studio_config.xml)")
     p.set_defaults(func=cmd_label_config)
+
+    p = sub.add_parser("models", help="model registry: list | show VERSION | rollback VERSION | plot")
+    p.add_argument("action", choices=("list", "show", "rollback", "plot"))
+    p.add_argument("version", nargs="?", help="a version name (show, rollback)")
+    p.add_argument("--project", help="Label Studio project id (default: the only project with models)")
+    p.add_argument("--out", help="plot: PNG path (default toothseg-project<ID>-history.png)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("status", help="queues, running jobs (stage, progress), current models")
+    p.add_argument("--queue", action="append", default=[], help="another RQ queue to show")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("train", help="retrain a project: queue a job (as START_TRAINING does), or --now in this process")
+    p.add_argument("--project", required=True, help="Label Studio project id")
+    p.add_argument("--now", action="store_true", help="run the retraining here instead of queueing it")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bootstrap", help="wire Label Studio to the backend (idempotent; settings from the environment)")
+    p.add_argument("--wait", type=float, default=300, help="seconds to wait for Label Studio (default 300)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("stack", help="run the docker-compose services as local processes: up | down | status")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--data", default="stack-data", help="state, models and logs (default ./stack-data)")
+    p.add_argument("--images", help="images folder imported into Label Studio (default <data>/images)")
+    p.add_argument("--detach", action="store_true", help="up: return once everything runs")
+    p.set_defaults(func=cmd_stack)
     return parser
 
 

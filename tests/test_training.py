@@ -1,0 +1,251 @@
+"""Training with the paper's model changes, the evaluation gate, the registry and its faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ultralytics.nn.tasks import SegmentationModel
+from ultralytics.utils.loss import BboxLoss
+
+from backend.detector import Detector
+from backend.preprocess import pixel_statistics, standardise
+from backend.registry import Registry
+from backend.runtime import Runtime
+from backend.settings import Settings
+from backend.yolo_model import ToothSegModel, proto_stride_of
+from conftest import REPO, register_model
+from training.dataset import LabeledImage, mask_polygon, split_train_val, write_yolo_dataset, yolo_label_lines
+from training.evaluate import gate, score_weights
+from training.history import format_table, plot_history, version_rows
+from training.metrics import Scores
+from training.model_changes import LargeBoxBboxLoss, area_weight
+from training.promotion import promote, reject, rollback, store_version
+from training.synth import generate
+from training.train import TrainConfig, train_model
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
+             enumerate(generate(2000 + i, (320, 160)) for i in range(6))]
+    out = tmp_path_factory.mktemp("ds")
+    data = write_yolo_dataset(items[:4], items[4:], out)
+    return data, items
+
+
+@pytest.mark.parametrize("stride", [4, 2, 1])
+def test_proto_stride_resolution(stride):
+    model = ToothSegModel("yolov8n-seg.yaml", nc=52, proto_stride=stride).eval()
+    with torch.no_grad():
+        (_, proto), _ = model(torch.rand(1, 3, 256, 320))
+    assert proto.shape[2:] == (256 // stride, 320 // stride)
+    assert proto_stride_of(model) == stride
+
+
+def test_normalisation_is_the_first_step_of_the_network():
+    torch.manual_seed(0)
+    ours = ToothSegModel("yolov8n-seg.yaml", nc=52, mean=0.4, std=0.2).eval()
+    stock = SegmentationModel("yolov8n-seg.yaml", nc=52, verbose=False).eval()
+    stock.load_state_dict(ours.state_dict())
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(ours(x)[0][0], stock(standardise(x, 0.4, 0.2))[0][0], atol=1e-5)
+
+
+def test_pixel_statistics():
+    a = np.zeros((2, 2), np.uint8)
+    b = np.full((2, 2), 255, np.uint8)
+    mean, std = pixel_statistics([a, b])
+    assert mean == pytest.approx(0.5) and std == pytest.approx(0.5)
+
+
+def test_large_box_loss_formula_and_identity_at_alpha_zero():
+    assert area_weight(torch.tensor([0.0, 0.01, 0.04]), 4.0).tolist() == pytest.approx([1.0, 1.4, 1.8])
+    torch.manual_seed(0)
+    n_anchor, reg_max = 6, 16
+    anchors = torch.rand(n_anchor, 2) * 8 + 4
+    target = torch.cat([anchors - torch.rand(n_anchor, 2) * 3 - 1, anchors + torch.rand(n_anchor, 2) * 3 + 1], 1)[None]
+    pred = target + torch.randn_like(target) * 0.5
+    pred_dist = torch.randn(1, n_anchor, 4 * reg_max)
+    scores = torch.rand(1, n_anchor, 52)
+    fg = torch.tensor([[True, True, False, True, True, False]])
+    args = (pred_dist, pred, anchors, target, scores, scores.sum(), fg, torch.tensor([64.0, 64.0]), torch.tensor(8.0))
+    stock = BboxLoss(reg_max)(*args)
+    same = LargeBoxBboxLoss(reg_max, 0.0)(*args)
+    weighted = LargeBoxBboxLoss(reg_max, 4.0)(*args)
+    assert torch.allclose(stock[0], same[0]) and torch.allclose(stock[1], same[1])
+    assert weighted[0] > stock[0] and weighted[1] > stock[1]
+
+
+def test_dataset_labels_and_split(small_dataset, tmp_path):
+    data, items = small_dataset
+    text = (Path(data).parent / "labels" / "train" / "s0.txt").read_text().split("\n")
+    assert len([t for t in text if t]) == len(items[0].masks)
+    cls, *coords = text[0].split()
+    assert 0 <= int(cls) < 52 and all(0.0 <= float(c) <= 1.0 for c in coords)
+    # a tooth in two parts becomes one polygon covering both
+    two = np.zeros((100, 200), bool)
+    two[10:40, 10:40] = True
+    two[60:90, 150:190] = True
+    poly = mask_polygon(two)
+    assert poly[:, 0].min() <= 11 and poly[:, 0].max() >= 188
+    assert len(yolo_label_lines({"11": two})) == 1
+    # deterministic, stable split: adding tasks never moves an old one
+    train, val = split_train_val(list(range(1, 41)))
+    train2, val2 = split_train_val(list(range(1, 81)))
+    assert set(val) <= set(val2) and set(train) <= set(train2) and 4 <= len(val) <= 14
+    assert split_train_val([5, 9]) in (([5], [9]), ([9], [5]))
+
+
+@pytest.mark.parametrize("stride,alpha", [(2, 4.0), (4, 0.0), (1, 4.0)])
+def test_training_runs_with_each_change(small_dataset, tmp_path, stride, alpha):
+    data, items = small_dataset
+    mean, std = pixel_statistics([it.pixels for it in items[:4]])
+    config = TrainConfig(epochs=1, batch=2, imgsz=256, proto_stride=stride, large_box_alpha=alpha, lr0=0.01)
+    result = train_model(data, tmp_path / "run", config, mean, std)
+    detector = Detector.load(result.weights)
+    assert proto_stride_of(detector.model) == stride
+    assert detector.model.normalisation == pytest.approx((mean, std))
+    assert detector.imgsz == 256
+    with torch.no_grad():
+        (_, proto), _ = detector.model(torch.rand(1, 3, 256, 256))
+    assert proto.shape[2] == 256 // stride
+
+
+def test_warm_start_keeps_classes_and_takes_new_statistics(small_dataset, tmp_path, trained_weights):
+    data, items = small_dataset
+    result = train_model(data, tmp_path / "run", TrainConfig(epochs=1, batch=2, imgsz=256), 0.3, 0.25,
+                         warm_start=trained_weights)
+    model = Detector.load(result.weights).model
+    assert list(model.names.values())[:3] == ["11", "12", "13"] and len(model.names) == 52
+    assert model.normalisation == pytest.approx((0.3, 0.25))
+
+
+def test_worse_candidate_is_not_promoted(small_dataset, tmp_path, trained_weights):
+    _, items = small_dataset
+    val = [LabeledImage(f"v{i}", s.image, s.masks()) for i, s in
+           enumerate(generate(3000 + i, (640, 320)) for i in range(4))]
+    current = score_weights(trained_weights, val, min_score=0.05)
+    # a candidate trained for one epoch from scratch: clearly worse
+    data = write_yolo_dataset(val[:3], val[3:], tmp_path / "ds")
+    bad = train_model(data, tmp_path / "bad", TrainConfig(epochs=1, batch=2, imgsz=320), 0.4, 0.2).weights
+    candidate = score_weights(bad, val, min_score=0.05)
+    assert current.primary > candidate.primary + 0.01, (current, candidate)
+    decision = gate(candidate, current, tolerance=0.01)
+    assert not decision.promote and "worse than current" in decision.reason
+
+    registry = Registry(tmp_path / "models")
+    good_version = register_model(tmp_path / "models", "1", trained_weights)
+    stored = store_version(registry, "1", bad, {"status": "rejected", "metrics": candidate.as_dict()}, {"tasks": []})
+    reject(registry, "1", stored.version, decision.reason)
+    assert registry.current_version("1") == good_version
+    assert registry.history("1")[-1]["event"] == "rejected" and "worse" in registry.history("1")[-1]["reason"]
+
+
+def test_gate_rules():
+    s = lambda d, ia: Scores(0.8, 0.7, 0.8, d, 0.6, 0.7, ia)  # noqa: E731
+    assert gate(s(0.5, 0.5), None).promote
+    assert gate(s(0.5, 0.5), s(0.505, 0.5), tolerance=0.01).promote  # within tolerance
+    assert not gate(s(0.4, 0.5), s(0.5, 0.5), tolerance=0.01).promote
+    assert s(0.6, 0.8).primary == pytest.approx(0.7)
+
+
+def test_registry_rollback_history_and_cli(tmp_path, trained_weights):
+    models = tmp_path / "models"
+    v1 = register_model(models, "3", trained_weights, metrics={"instance_dice": 0.5, "ia": 0.4, "primary": 0.45})
+    v2 = register_model(models, "3", trained_weights, metrics={"instance_dice": 0.6, "ia": 0.5, "primary": 0.55})
+    registry = Registry(models)
+    assert registry.current_version("3") == v2
+    env = {**os.environ, "MODEL_DIR": str(models)}
+    out = subprocess.run([sys.executable, "-m", "training.cli", "models", "rollback", v1, "--project", "3"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and v1 in out.stdout
+    assert registry.current_version("3") == v1
+    assert [e["event"] for e in registry.history("3")] == ["promoted", "promoted", "rolled_back"]
+    listing = subprocess.run([sys.executable, "-m", "training.cli", "models", "list"], cwd=REPO, env=env,
+                             capture_output=True, text=True).stdout
+    assert v1 in listing and v2 in listing and "current" in listing and "0.550" in listing
+    bad = subprocess.run([sys.executable, "-m", "training.cli", "models", "rollback", "v9-nope", "--project", "3"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "v9-nope" in bad.stderr
+    png = plot_history(version_rows(registry, "3"), tmp_path / "h.png")
+    assert png.stat().st_size > 5000
+    assert "instance_dice" in format_table(version_rows(registry, "3"))
+
+
+def test_corrupted_current_weights_fall_back_to_the_previous_version(tmp_path, trained_weights, caplog):
+    models = tmp_path / "models"
+    v1 = register_model(models, "5", trained_weights)
+    v2 = register_model(models, "5", trained_weights)
+    registry = Registry(models)
+    (registry.get("5", v2).weights).write_bytes(b"garbage, not a checkpoint")
+    runtime = Runtime(Settings.from_env({"MODEL_DIR": str(models)}))
+    assert runtime.version("5") == v2  # not known to be broken before the first load
+    version, detector = runtime.detector("5")
+    assert version == v1 and detector is not None
+    assert runtime.version("5") == v1
+    assert any(f"model version {v2} cannot be loaded" in r.message and r.levelname == "ERROR" for r in caplog.records)
+
+
+def test_disk_full_while_saving_leaves_current_untouched(tmp_path, trained_weights, monkeypatch):
+    import shutil as shutil_module
+
+    import training.promotion as promotion
+
+    models = tmp_path / "models"
+    v1 = register_model(models, "6", trained_weights)
+    registry = Registry(models)
+
+    def full(src, dst, *a, **k):
+        with open(dst, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(promotion.shutil, "copyfile", full)
+    with pytest.raises(OSError, match="No space left"):
+        store_version(registry, "6", trained_weights, {}, {"tasks": []})
+    monkeypatch.setattr(promotion.shutil, "copyfile", shutil_module.copyfile)
+    assert registry.current_version("6") == v1
+    assert [v.version for v in registry.versions("6")] == [v1]
+    assert not [p for p in (registry.project_dir("6") / "versions").iterdir() if p.name != v1]
+
+
+KILL_SCRIPT = """
+import sys, json
+from pathlib import Path
+import backend
+from backend.registry import Registry
+from training.dataset import LabeledImage, write_yolo_dataset
+from training.promotion import promote, store_version
+from training.synth import generate
+from training.train import TrainConfig, train_model
+work = Path(sys.argv[1]); models = Path(sys.argv[2])
+items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in enumerate(generate(4000 + i, (320, 160)) for i in range(6))]
+data = write_yolo_dataset(items[:4], items[4:], work / "ds")
+print("training", flush=True)
+r = train_model(data, work / "run", TrainConfig(epochs=200, batch=2, imgsz=256), 0.4, 0.2)
+reg = Registry(models)
+v = store_version(reg, "7", r.weights, {}, {"tasks": []})
+promote(reg, "7", v.version, "done")
+"""
+
+
+def test_killed_training_leaves_the_current_model_untouched(tmp_path, trained_weights):
+    models = tmp_path / "models"
+    v1 = register_model(models, "7", trained_weights)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path), str(models)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout.readline().strip().endswith(b"training")
+    time.sleep(8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    registry = Registry(models)
+    assert registry.current_version("7") == v1
+    assert [v.version for v in registry.versions("7")] == [v1]
+    assert Runtime(Settings.from_env({"MODEL_DIR": str(models)})).detector("7")[0] == v1

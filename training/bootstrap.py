@@ -1,0 +1,95 @@
+"""Wire a Label Studio instance to toothseg (idempotent): `toothseg bootstrap`.
+
+1. wait until Label Studio answers /health;
+2. find the project by title, or create it from label_studio_config.xml;
+3. add the images folder as Local Files import storage (unless already added) and sync it;
+4. connect the ML backend (unless a backend with the same URL is connected), interactive on;
+5. set "start training after N annotations" (START_TRAINING webhooks).
+
+Running it again changes nothing that is already in place, so it is safe in `docker compose up`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    label_studio_url: str
+    api_key: str
+    backend_url: str
+    label_config: str
+    project_title: str = "toothseg"
+    images_dir: Path | None = None  # as Label Studio sees it (must be below its LOCAL_FILES_DOCUMENT_ROOT)
+    train_after: int = 0  # Label Studio's min_annotations_to_start_training (0 = off)
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+
+
+def wait_for_label_studio(url: str, timeout: float = 300.0) -> None:
+    """Block until `url`/health says UP; TimeoutError with the last problem otherwise."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url.rstrip('/')}/health", timeout=3)
+            if r.status_code == 200 and r.json().get("status") == "UP":
+                return
+            last = f"HTTP {r.status_code}"
+        except (httpx.HTTPError, ValueError) as exc:
+            last = exc.__class__.__name__
+        time.sleep(1)
+    raise TimeoutError(f"Label Studio at {url} not up after {timeout:.0f} s ({last})")
+
+
+def bootstrap(cfg: BootstrapConfig, wait: float = 300.0) -> dict:
+    """Make the Label Studio side ready; returns what exists now (ids) and what was created."""
+    from label_studio_sdk import LabelStudio
+
+    wait_for_label_studio(cfg.label_studio_url, wait)
+    client = LabelStudio(base_url=cfg.label_studio_url, api_key=cfg.api_key)
+    done: dict = {"created": []}
+
+    project = next((p for p in client.projects.list() if p.title == cfg.project_title), None)
+    if project is None:
+        project = client.projects.create(title=cfg.project_title, label_config=cfg.label_config,
+                                         description="Tooth instance segmentation (FDI), pre-annotated by toothseg")
+        done["created"].append("project")
+    done["project"] = project.id
+
+    if cfg.images_dir is not None:
+        path = str(cfg.images_dir)
+        storage = next((s for s in client.import_storage.local.list(project=project.id) if s.path == path), None)
+        if storage is None:
+            storage = client.import_storage.local.create(project=project.id, path=path, use_blob_urls=True,
+                                                         regex_filter=r".*\.(png|jpe?g|tiff?|bmp)$",
+                                                         title="toothseg images")
+            done["created"].append("storage")
+        client.import_storage.local.sync(id=storage.id)
+        done["storage"] = storage.id
+
+    backends = [b for b in client.ml.list(project=project.id) if b.url.rstrip("/") == cfg.backend_url.rstrip("/")]
+    if backends:
+        done["ml_backend"] = backends[0].id
+    else:
+        kwargs = {}
+        if cfg.basic_auth_user:
+            kwargs = {"auth_method": "BASIC_AUTH", "basic_auth_user": cfg.basic_auth_user,
+                      "basic_auth_pass": cfg.basic_auth_pass}
+        ml = client.ml.create(project=project.id, url=cfg.backend_url, title="toothseg", is_interactive=True, **kwargs)
+        done["ml_backend"] = ml.id
+        done["created"].append("ml_backend")
+
+    client.projects.update(id=project.id, min_annotations_to_start_training=cfg.train_after,
+                           show_collab_predictions=True)
+    done["tasks"] = client.projects.get(id=project.id).task_number
+    logger.info("bootstrap: project %s (%s tasks), ML backend %s, created: %s", done["project"], done["tasks"],
+                done["ml_backend"], ", ".join(done["created"]) or "nothing")
+    return done
