@@ -94,6 +94,14 @@ def predict_view():
     label_config = _label_config(data.get("label_config"), "label_config")
     params = data.get("params") or {}
     context = params.get("context") if isinstance(params, dict) else None
+    limit = get_runtime().settings.predict_batch_limit
+    if not context and 0 < limit < len(tasks):
+        # Label Studio's own fallback: one result for several tasks makes it resend them one per
+        # request, each within its own ML_TIMEOUT_PREDICT; a big batch in one request would time out.
+        version = ToothSegManager.fetch(project, label_config).model_version
+        logger.info("project %s: %d tasks in one /predict (PREDICT_BATCH_LIMIT %d): asking Label Studio to send "
+                    "them one at a time", project, len(tasks), limit)
+        return jsonify({"results": [{"result": [], "score": 0.0, "model_version": version}], "model_version": version})
     predictions, wrapper = ToothSegManager.predict(tasks, project, label_config, context=context)
     return jsonify({"results": predictions, "model_version": wrapper.model_version})
 

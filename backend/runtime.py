@@ -48,6 +48,7 @@ class Runtime:
         self._refiner: SamRefiner | None = None
         self._refiner_loaded = False
         self._base: tuple[str, Detector] | None = None
+        self._base_failed = False
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
         if settings.sam_checkpoint is None:
@@ -57,7 +58,7 @@ class Runtime:
     def base_version(self) -> str:
         """Version name before a project's first trained model: from YOLO_WEIGHTS, or 'untrained'."""
         weights = self.settings.yolo_weights
-        if weights is None:
+        if weights is None or self._base_failed:
             return NO_MODEL_VERSION
         return f"base-{hashlib.sha1(str(weights.resolve()).encode()).hexdigest()[:8]}"
 
@@ -111,9 +112,15 @@ class Runtime:
                 self._detectors[key] = (version, detector)
                 return version, detector
             self._detectors.pop(key, None)
-            if self.settings.yolo_weights is not None:
+            if self.base_version() != NO_MODEL_VERSION:
                 if self._base is None:
-                    self._base = (self.base_version(), self._load_detector(self.settings.yolo_weights))
+                    try:
+                        self._base = (self.base_version(), self._load_detector(self.settings.yolo_weights))
+                    except Exception as exc:  # e.g. COCO weights: a training start, not a tooth detector
+                        logger.warning("YOLO_WEIGHTS %s cannot pre-annotate (%s); it is only used as the starting "
+                                       "point of the first training", self.settings.yolo_weights, exc)
+                        self._base_failed = True
+                        return NO_MODEL_VERSION, None
                 return self._base
             return NO_MODEL_VERSION, None
 

@@ -56,8 +56,8 @@ class Settings:
         "Keep YOLO's own mask where SAM's predicted IoU is below this.")
     sam_min_agreement: float = _setting("SAM_MIN_AGREEMENT", "0.5", float,
         "Keep YOLO's own mask where SAM's and YOLO's masks overlap (IoU) less than this.")
-    sam_batch_size: int = _setting("SAM_BATCH_SIZE", "1", int,
-        "Box prompts decoded per SAM call (measured: 1 is fastest on CPU; see bench/).")
+    sam_batch_size: int = _setting("SAM_BATCH_SIZE", "4", int,
+        "Box prompts decoded per SAM call (chosen by bench/bench_predict.py on this CPU).")
     local_files_document_root: Path | None = _setting("LOCAL_FILES_DOCUMENT_ROOT", "", _path,
         "Label Studio's local-files root, if this process can read it: /data/local-files/?d=... is read "
         "from disk (only below this root) instead of over HTTP.")
@@ -67,6 +67,10 @@ class Settings:
         "Images with more pixels are refused (decompression-bomb guard).")
     max_download_bytes: int = _setting("MAX_DOWNLOAD_BYTES", "104857600", int, "Largest image download (bytes).")
     download_timeout: float = _setting("DOWNLOAD_TIMEOUT", "30", float, "Seconds per image download.")
+    predict_batch_limit: int = _setting("PREDICT_BATCH_LIMIT", "1", int,
+        "A /predict with more tasks than this is answered at once with a single placeholder result, "
+        "which makes Label Studio resend the tasks one per request, each with its own timeout "
+        "(ML_TIMEOUT_PREDICT, 100 s). 0 = predict any batch in one request.")
     max_request_bytes: int = _setting("MAX_REQUEST_BYTES", "52428800", int,
         "Largest request body the backend accepts (bytes); larger ones get 413.")
     retrain_min_new_annotations: int = _setting("RETRAIN_MIN_NEW_ANNOTATIONS", "10", int,

@@ -40,7 +40,7 @@ def local(name):
 
 
 def test_health_and_setup_without_a_model(start_backend, tmp_path):
-    server = start_backend()
+    server = start_backend(PREDICT_BATCH_LIMIT=0)
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "UP"
     times = []
@@ -87,7 +87,7 @@ def served(start_backend, tmp_path, trained_weights, sam_checkpoint, synth_dir):
     Image.new("L", (12000, 12000)).save(bad / "bomb.png")
     server = start_backend(MODEL_DIR=models, SAM_CHECKPOINT=sam_checkpoint, SAM_MODEL_TYPE="vit_tiny",
                            LOCAL_FILES_DOCUMENT_ROOT=synth_dir, MAX_IMAGE_PIXELS=50_000_000 // 2,
-                           SCORE_THRESHOLD=0.05)
+                           SCORE_THRESHOLD=0.05, PREDICT_BATCH_LIMIT=0)
     names = sorted(p.name for p in images.iterdir())
     return server, version, names
 
@@ -115,6 +115,20 @@ def test_predict_brush_regions_with_fdi_labels(served, synth_dir):
         total += len(labels)
     assert total > 0, server.log_text()[-2000:]
     assert httpx.post(f"{server.url}/setup", json=setup_body()).json()["model_version"] == version
+
+
+def test_large_batch_makes_label_studio_send_tasks_one_at_a_time(start_backend, tmp_path, trained_weights):
+    """Label Studio resends the tasks one per request when a batch gets exactly one result."""
+    models = tmp_path / "models"
+    version = register_model(models, "1", trained_weights)
+    server = start_backend(MODEL_DIR=models)  # PREDICT_BATCH_LIMIT defaults to 1
+    t = time.perf_counter()
+    r = httpx.post(f"{server.url}/predict", json=predict_body([task(i, local(f"x{i}.png")) for i in range(30)]))
+    assert time.perf_counter() - t < 1.0
+    assert r.status_code == 200 and len(r.json()["results"]) == 1 and r.json()["model_version"] == version
+    assert "asking Label Studio to send them one at a time" in server.log_text()
+    single = httpx.post(f"{server.url}/predict", json=predict_body([task(1, local("x1.png"))]))
+    assert len(single.json()["results"]) == 1
 
 
 def test_predict_polygon_config(served):

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LS_VENV = Path(os.environ.get("TOOTHSEG_LS_VENV", REPO / ".venv-ls"))
 SIZE = (640, 320)
 TOKEN = "e2e-token-0123456789"
+LONG = {"timeout_in_seconds": 600}  # retrieve_tasks_predictions answers when every /predict is done
 
 
 def wait_for(what, predicate, timeout, interval=1.0):
@@ -107,7 +108,8 @@ def test_the_loop_end_to_end(stack, request):
         pool = {n: t for n, t in tasks.items() if n.startswith("pool_")}
         assert len(pool) == 30, list(tasks)[:5]
         client.actions.create(id="retrieve_tasks_predictions", project=project,
-                              selected_items={"all": False, "included": [t.id for t in pool.values()]})
+                              selected_items={"all": False, "included": [t.id for t in pool.values()]},
+                              request_options=LONG)
         preds = wait_for("predictions", lambda: [p for p in client.predictions.list(project=project)
                                                   if p.model_version == v1] or None, 120, 2)
         by_task = {p.task: p for p in preds}
@@ -128,7 +130,7 @@ def test_the_loop_end_to_end(stack, request):
             assert registry.current_version(project) == v2
             remaining = [pool[n].id for n in sorted(pool)[6:]]
             client.actions.create(id="retrieve_tasks_predictions", project=project,
-                                  selected_items={"all": False, "included": remaining})
+                                  selected_items={"all": False, "included": remaining}, request_options=LONG)
             wait_for("predictions of the second version", lambda: len(
                 {p.task for p in client.predictions.list(project=project) if p.model_version == v2}) == len(remaining),
                 120, 2)

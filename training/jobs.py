@@ -10,6 +10,7 @@ Progress is written to the rq job's meta (`stage`, `progress`, `detail`), which
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConf
     `covered` receives the `annotation_key`s of the exported annotations (see RetrainQueue.run)."""
     report = Progress(project)
     registry = Registry(settings.model_dir)
-    config = config or TrainConfig.from_env(device=settings.device)
+    config = config or TrainConfig.from_env(**({} if os.environ.get("TRAIN_DEVICE") else {"device": settings.device}))
     started = time.perf_counter()
 
     report("export", f"exporting project {project} from {settings.label_studio_url}")

@@ -24,7 +24,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of one training run (names as ultralytics' train arguments)."""
+    """Hyperparameters of one training run (names as ultralytics' train arguments).
+
+    model_cfg: ultralytics model yaml of a first training without starting weights; imgsz: training
+    and prediction size (longest side, pixels); threads: torch CPU threads (0 = all cores);
+    proto_stride: mask prototype stride (4 stock, 2 paper, 1); large_box_alpha: the large-box loss
+    weight (0 = ultralytics' loss); the rest are ultralytics' arguments of the same name.
+    """
 
     model_cfg: str = "yolov8n-seg.yaml"
     epochs: int = 100

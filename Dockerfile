@@ -1,0 +1,50 @@
+# toothseg: the ML backend (gunicorn), the RQ worker and the bootstrap share this image.
+# Official weights are fetched at build time; override the URLs with --build-arg.
+FROM python:3.11-slim
+
+ARG SAM_CHECKPOINT_URL=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
+ARG SAM_MODEL_TYPE=vit_b
+# Optional starting weights for the detector (a YOLOv8-seg .pt). Official COCO weights, e.g.
+# https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8n-seg.pt, are a
+# transfer-learning start for the first training; weights with FDI class names also pre-annotate.
+ARG YOLO_WEIGHTS_URL=
+# CPU wheels keep the image small; use https://download.pytorch.org/whl/cu124 for a GPU image.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    YOLO_CONFIG_DIR=/tmp/toothseg-yolo \
+    YOLO_OFFLINE=1 \
+    YOLO_VERBOSE=False
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends curl libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY backend ./backend
+COPY training ./training
+COPY label_studio_config.xml ./
+
+RUN pip install --no-cache-dir torch torchvision --index-url "${TORCH_INDEX_URL}" \
+    && pip install --no-cache-dir .
+
+RUN mkdir -p /weights \
+    && curl -fsSL --retry 3 -o /weights/sam.pth "${SAM_CHECKPOINT_URL}" \
+    && if [ -n "${YOLO_WEIGHTS_URL}" ]; then curl -fsSL --retry 3 -o /weights/yolo.pt "${YOLO_WEIGHTS_URL}"; fi
+
+ENV SAM_CHECKPOINT=/weights/sam.pth \
+    SAM_MODEL_TYPE=${SAM_MODEL_TYPE} \
+    MODEL_DIR=/models \
+    LABEL_CONFIG_PATH=/app/label_studio_config.xml \
+    LABEL_STUDIO_ML_BACKEND_V2=1
+
+RUN useradd --create-home --uid 1000 toothseg && mkdir -p /models && chown toothseg /models
+USER toothseg
+
+EXPOSE 9090
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=5 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"]
+CMD ["gunicorn", "--bind", "0.0.0.0:9090", "--workers", "1", "--threads", "4", "--timeout", "600", "backend.app:create_app()"]

@@ -1,0 +1,124 @@
+"""Static validation of docker-compose.yml and the Dockerfile (no Docker engine here), and their
+agreement with the native stack (`toothseg stack`)."""
+import copy
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import dockerfile
+import jsonschema
+import pytest
+import yaml
+
+from training.stack import APP_ENV, BOOTSTRAP_COMMAND, LABEL_STUDIO_ENV, Stack, backend_command, worker_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def compose_schema():
+    path = resources.files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
+    return json.loads(path.read_text())
+
+
+def test_compose_file_matches_the_compose_spec(compose, compose_schema):
+    jsonschema.validate(compose, compose_schema)
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda c: c["services"]["backend"]["depends_on"]["redis"].update(condition="when_it_feels_like_it"),
+    lambda c: c["services"]["redis"].update(restart_policy="always"),
+    lambda c: c["services"]["worker"].update(command=42),
+    lambda c: c["volumes"].update({"models": {"driver_opts": "not a mapping"}}),
+])
+def test_a_broken_compose_file_fails_validation(compose, compose_schema, breakage):
+    broken = copy.deepcopy(compose)
+    breakage(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, compose_schema)
+
+
+def test_services_and_start_order(compose):
+    services = compose["services"]
+    assert set(services) == {"redis", "label-studio", "backend", "worker", "bootstrap"}
+    assert "ports" not in services["redis"], "Redis must not be published on the host"
+    assert "ports" not in services["backend"] and "ports" not in services["worker"]
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["label-studio"]["image"] == "heartexlabs/label-studio:1.23.2"
+    assert services["bootstrap"]["restart"] == "no"
+    assert services["bootstrap"]["depends_on"]["label-studio"]["condition"] == "service_healthy"
+    assert services["bootstrap"]["depends_on"]["backend"]["condition"] == "service_healthy"
+    assert services["backend"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name in ("redis", "label-studio", "backend"):
+        assert "healthcheck" in services[name]
+    assert set(compose["volumes"]) == {"label-studio-data", "models", "redis-data"}
+    ls_env = services["label-studio"]["environment"]
+    assert ls_env["ML_BLOCK_LOCAL_IP"] == "false" and ls_env["SSRF_PROTECTION_ENABLED"] == "false"
+    assert ls_env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    for key in ("LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN"):
+        assert ls_env[key].startswith(f"${{{key}"), "user, password and token come from .env"
+
+
+def test_compose_and_native_stack_run_the_same_commands_and_variables(compose, tmp_path):
+    services = compose["services"]
+    assert services["backend"]["command"] == backend_command("0.0.0.0:9090")
+    assert services["worker"]["command"] == worker_command("redis://redis:6379/0", "toothseg-train",
+                                                           "toothseg-preannotate")
+    assert services["bootstrap"]["command"] == BOOTSTRAP_COMMAND
+    for name in ("backend", "worker"):
+        assert set(services[name]["environment"]) == set(APP_ENV)
+    assert set(APP_ENV) <= set(services["bootstrap"]["environment"])
+    assert set(LABEL_STUDIO_ENV) <= set(services["label-studio"]["environment"])
+
+    stack = Stack(data=tmp_path / "data", images=tmp_path / "files" / "images")
+    native = stack.services()
+    assert [Path(native["backend"][0][0]).name, *native["backend"][0][1:]] == backend_command(stack.backend_url[7:])
+    assert [Path(native["worker"][0][0]).name, *native["worker"][0][1:]] == worker_command(
+        stack.redis_url, "toothseg-train", "toothseg-preannotate")
+    assert set(APP_ENV) <= set(native["backend"][1]) and set(APP_ENV) <= set(native["worker"][1])
+    assert set(LABEL_STUDIO_ENV) <= set(native["label-studio"][1])
+    assert "--appendonly" in native["redis"][0]
+    bootstrap_env = stack.bootstrap_env()
+    assert set(services["bootstrap"]["environment"]) <= set(bootstrap_env)
+
+
+def test_env_example_covers_every_compose_variable(compose):
+    text = (REPO / "docker-compose.yml").read_text()
+    used = set(re.findall(r"\$\{([A-Z_]+)", text))
+    example = {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines()
+               if "=" in line and not line.startswith("#")}
+    assert used <= example, used - example
+
+
+def test_dockerfile(compose):
+    commands = dockerfile.parse_file(str(REPO / "Dockerfile"))
+    kinds = [c.cmd for c in commands]
+    assert kinds[0] == "FROM" and "HEALTHCHECK" in kinds and kinds[-1] == "CMD"
+    args = {c.value[0].split("=")[0] for c in commands if c.cmd == "ARG"}
+    assert {"SAM_CHECKPOINT_URL", "YOLO_WEIGHTS_URL", "SAM_MODEL_TYPE"} <= args
+    runs = " ".join(c.value[0] for c in commands if c.cmd == "RUN")
+    assert "${SAM_CHECKPOINT_URL}" in runs and "${YOLO_WEIGHTS_URL}" in runs  # weights fetched at build time
+    for c in commands:
+        if c.cmd == "COPY":
+            for source in c.value[:-1]:
+                assert (REPO / source).exists(), f"COPY source {source} does not exist"
+    cmd = next(c for c in commands if c.cmd == "CMD")
+    assert list(cmd.value) == compose["services"]["backend"]["command"]
+    env = {}
+    for c in commands:
+        if c.cmd == "ENV":
+            env.update(dict(zip(c.value[::2], c.value[1::2])))
+    assert env["SAM_CHECKPOINT"] == compose["x-app-env"]["SAM_CHECKPOINT"]
+    assert env["MODEL_DIR"] == compose["x-app-env"]["MODEL_DIR"]
+
+
+def test_label_studio_version_is_the_same_everywhere(compose):
+    setup = (REPO / "scripts" / "setup").read_text()
+    assert "LABEL_STUDIO_VERSION:-1.23.2" in setup
+    assert compose["services"]["label-studio"]["image"].endswith(":1.23.2")
