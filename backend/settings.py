@@ -37,11 +37,13 @@ class Settings:
         "Model registry: one folder per project and version, plus the current-version pointer.")
     redis_url: str = _setting("REDIS_URL", "redis://localhost:6379/0", str, "Redis for the RQ queues.")
     yolo_weights: Path | None = _setting("YOLO_WEIGHTS", "", _path,
-        "Optional YOLOv8-seg weights (52 FDI classes) used before a project has a trained model.")
+        "Optional YOLOv8-seg weights: with FDI class names they pre-annotate before a project's first model; "
+        "any YOLOv8-seg weights (e.g. COCO) start the first training.")
     sam_checkpoint: Path | None = _setting("SAM_CHECKPOINT", "", _path,
         "Segment Anything checkpoint (.pth). Empty: YOLO masks only (logged at start).")
     sam_model_type: str = _setting("SAM_MODEL_TYPE", "vit_b", str,
-        "Builder in segment_anything.sam_model_registry for SAM_CHECKPOINT (vit_b, vit_l, vit_h).")
+        "Builder in segment_anything.sam_model_registry for SAM_CHECKPOINT (vit_b, vit_l, vit_h; vit_tiny is a "
+        "5 M-parameter test size).")
     device: str = _setting("DEVICE", "cpu", str, "torch device for YOLO and SAM (cpu, cuda, cuda:0).")
     torch_threads: int = _setting("TORCH_THREADS", "0", int, "torch intra-op threads; 0 = all cores.")
     embedding_cache_size: int = _setting("EMBEDDING_CACHE_SIZE", "16", int,

@@ -1,7 +1,7 @@
 """Shared fixtures: real Redis, a tiny YOLOv8-seg trained here on synthetic X-rays, a small SAM
 built by segment_anything's builders, and the backend under gunicorn.
 
-The tiny detector is trained once per test session (about 3 minutes on 2 cores); its weights
+The tiny detector is trained once per test session (about 5 minutes on 2 cores); its weights
 are cached under .pytest_cache keyed by the code and data that produce them, so a rerun with
 unchanged training code reuses them. `pytest --cache-clear` retrains.
 """
@@ -27,7 +27,6 @@ import backend  # noqa: E402,F401  (prepares ultralytics for offline use)
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SYNTH_SIZE = (640, 320)
-BASE_TRAIN = dict(epochs=80, batch=4, imgsz=320, lr0=0.02, mosaic=0.0)
 
 
 def free_port() -> int:
@@ -132,24 +131,13 @@ def _code_hash(*extra: object) -> str:
 
 @pytest.fixture(scope="session")
 def trained_weights(request, tmp_path_factory) -> Path:
-    """A YOLOv8n-seg trained here on 24 synthetic X-rays (80 epochs at imgsz 320)."""
-    from backend.preprocess import pixel_statistics
-    from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
-    from training.synth import generate
-    from training.train import TrainConfig, train_model
+    """A YOLOv8n-seg trained here on 24 synthetic X-rays (80 epochs at imgsz 320, ~5 min)."""
+    from training.synth import train_synthetic_detector
 
-    cache = Path(request.config.cache.mkdir("toothseg")) / f"base-{_code_hash(BASE_TRAIN, SYNTH_SIZE)}.pt"
-    if cache.exists():
-        return cache
-    work = tmp_path_factory.mktemp("base-model")
-    items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
-             enumerate(generate(1000 + i, SYNTH_SIZE) for i in range(24))]
-    train, val = split_train_val([it.key for it in items], 0.15)
-    data = write_yolo_dataset([it for it in items if it.key in train], [it for it in items if it.key in val],
-                              work / "dataset")
-    mean, std = pixel_statistics([it.pixels for it in items if it.key in train])
-    result = train_model(data, work / "run", TrainConfig(**BASE_TRAIN), mean, std)
-    shutil.copyfile(result.weights, cache)
+    cache = Path(request.config.cache.mkdir("toothseg")) / f"base-{_code_hash(SYNTH_SIZE)}.pt"
+    if not cache.exists():
+        weights = train_synthetic_detector(tmp_path_factory.mktemp("base-model"), size=SYNTH_SIZE)
+        shutil.copyfile(weights, cache)
     return cache
 
 

@@ -1,0 +1,24 @@
+"""README stays true: the two commands, and every setting in the configuration tables."""
+from dataclasses import fields
+from pathlib import Path
+
+from backend.settings import settings_table
+from training.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def test_the_two_commands():
+    assert "docker compose up" in README
+    assert "scripts/test" in README
+    assert (REPO / ".ci" / "run").read_text().strip().endswith("exec scripts/test")
+
+
+def test_every_setting_is_documented_with_its_default():
+    for env, default, _ in settings_table():
+        row = next((line for line in README.splitlines() if line.startswith(f"| `{env}` |")), None)
+        assert row is not None, f"{env} missing from README's configuration table"
+        assert (f"`{default}`" if default else "(empty)") in row, f"{env}: README default differs from {default!r}"
+    for f in fields(TrainConfig):
+        assert f"`TRAIN_{f.name.upper()}`" in README, f"TRAIN_{f.name.upper()} missing from README"
