@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,17 @@ from backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 NO_MODEL_VERSION = "toothseg-untrained"
+
+
+def set_torch_threads(threads: int = 0) -> int:
+    """Use `threads` (0: all cores) torch CPU threads, also for ultralytics, which otherwise resets
+    torch to cores - 1 whenever it selects a device."""
+    import ultralytics.utils.torch_utils as torch_utils
+
+    n = threads if threads > 0 else (os.cpu_count() or 1)
+    torch_utils.NUM_THREADS = n
+    torch.set_num_threads(n)
+    return n
 
 
 @dataclass
@@ -49,8 +61,7 @@ class Runtime:
         self._refiner_loaded = False
         self._base: tuple[str, Detector] | None = None
         self._base_failed = False
-        if settings.torch_threads > 0:
-            torch.set_num_threads(settings.torch_threads)
+        set_torch_threads(settings.torch_threads)
         if settings.sam_checkpoint is None:
             logger.warning("SAM_CHECKPOINT is not set: pre-annotations use YOLO's own masks, without SAM refinement")
 

@@ -35,6 +35,7 @@ from backend.formats import find_target, instances_to_results  # noqa: E402
 from backend.images import XrayImage, decode_image, pixel_hash  # noqa: E402
 from backend.label_config import render_label_config  # noqa: E402
 from backend.pipeline import Pipeline, PipelineOptions  # noqa: E402
+from backend.runtime import set_torch_threads  # noqa: E402
 from backend.sam import SAM_BUILDERS, EmbeddingCache, SamRefiner, build_sam  # noqa: E402
 from backend.timing import StageTimer  # noqa: E402
 from training.synth import generate, train_synthetic_detector  # noqa: E402
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "predict_latency.md"))
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
+    set_torch_threads(0)  # all cores, for both paths
     work = Path(tempfile.mkdtemp(prefix="toothseg-bench-"))
     weights = detector_weights(args)
 

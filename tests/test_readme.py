@@ -16,9 +16,10 @@ def test_the_two_commands():
 
 
 def test_every_setting_is_documented_with_its_default():
-    for env, default, _ in settings_table():
+    for env, default, doc in settings_table():
         row = next((line for line in README.splitlines() if line.startswith(f"| `{env}` |")), None)
         assert row is not None, f"{env} missing from README's configuration table"
         assert (f"`{default}`" if default else "(empty)") in row, f"{env}: README default differs from {default!r}"
+        assert doc in row, f"{env}: README description differs from backend/settings.py"
     for f in fields(TrainConfig):
         assert f"`TRAIN_{f.name.upper()}`" in README, f"TRAIN_{f.name.upper()} missing from README"

@@ -79,10 +79,11 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
                 on_epoch: Callable[[int, int, dict], None] | None = None) -> TrainResult:
     """Train on `data_yaml`; the run's files go to `run_dir`. `warm_start`: weights to start from.
     `on_epoch(epoch, epochs, metrics)` is called after each epoch. Returns the best weights."""
-    import ultralytics.utils.torch_utils as torch_utils
     from ultralytics import YOLO
 
-    torch_utils.NUM_THREADS = config.threads or (os.cpu_count() or 1)
+    from backend.runtime import set_torch_threads
+
+    set_torch_threads(config.threads)
     changes = ModelChanges(proto_stride=config.proto_stride, large_box_alpha=config.large_box_alpha,
                            mean=mean, std=std)
     model = YOLO(str(warm_start) if warm_start else config.model_cfg, task="segment")
