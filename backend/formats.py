@@ -199,7 +199,8 @@ def mask_to_regions(mask: np.ndarray, value: str, target: Target, score: float |
         regions = []
         for poly in mask_to_polygons(mask, epsilon=polygon_epsilon):
             points = pixels_to_percent(poly, height, width)
-            regions.append(_base_region(target, {"points": points, "closed": True, POLYGON: [value]}, height, width, score))
+            value_ = {"points": points, "closed": True, POLYGON: [value]}
+            regions.append(_base_region(target, value_, height, width, score))
         return regions
     raise LabelConfigError(f"unsupported region type {target.type!r}")
 

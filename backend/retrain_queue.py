@@ -117,9 +117,9 @@ class RetrainQueue:
     def _enqueue(self, project: str, job_id: str, reason: str, function: str | None = None) -> Job:
         logger.info("project %s: enqueue retrain job %s (%s)", project, job_id, reason)
         return self.queue.enqueue(
-            function or self.job_function, project, reason, job_id=job_id, job_timeout=self.job_timeout, result_ttl=7 * 86400,
-            failure_ttl=7 * 86400, retry=RETRY, description=f"retrain project {project} ({reason})",
-            on_failure=Callback(on_job_failure), meta={"project": project, "stage": "queued"},
+            function or self.job_function, project, reason, job_id=job_id, job_timeout=self.job_timeout,
+            result_ttl=7 * 86400, failure_ttl=7 * 86400, retry=RETRY, on_failure=Callback(on_job_failure),
+            description=f"retrain project {project} ({reason})", meta={"project": project, "stage": "queued"},
         )
 
     # --- the job's side ------------------------------------------------------------------

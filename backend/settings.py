@@ -79,6 +79,14 @@ class Settings:
         "Annotation webhooks retrain a project once this many annotations were created, updated or "
         "deleted since the last training started. START_TRAINING always retrains.")
     train_queue: str = _setting("TRAIN_QUEUE", "toothseg-train", str, "RQ queue of retraining jobs.")
+    preannotate_queue: str = _setting("PREANNOTATE_QUEUE", "toothseg-preannotate", str,
+        "RQ queue of background pre-annotation (listed after TRAIN_QUEUE by the worker: lower priority).")
+    preannotate_after_promotion: bool = _setting("PREANNOTATE_AFTER_PROMOTION", "true", _bool,
+        "After each promotion, pre-annotate every task without annotations in the background.")
+    preannotate_chunk: int = _setting("PREANNOTATE_CHUNK", "20", int,
+        "Tasks per pre-annotation job; the next chunk is queued behind any waiting retrain.")
+    preannotate_nice: int = _setting("PREANNOTATE_NICE", "10", int,
+        "CPU niceness of pre-annotation jobs, so interactive /predict requests keep the CPU.")
     train_job_timeout: int = _setting("TRAIN_JOB_TIMEOUT", "86400", int, "Seconds a retraining job may run.")
     work_dir: Path | None = _setting("WORK_DIR", "", _path,
         "Scratch space of retraining jobs (exported datasets, training runs). Empty: MODEL_DIR/.work.")

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -149,9 +148,10 @@ def main() -> None:
     ul_total = median(ul_times)
     outside = median([sum(v for k, v in r.items() if k not in FORWARD and k != "total") for r in rows["cold"]])
     lines = [
-        f"# Pre-annotation latency per image",
+        "# Pre-annotation latency per image",
         "",
-        f"Command: `.venv/bin/python bench/bench_predict.py --images {args.images} --size {args.size} --sam {args.sam}`",
+        f"Command: `.venv/bin/python bench/bench_predict.py --images {args.images} --size {args.size} "
+        f"--sam {args.sam}`",
         f"Machine: {machine()}",
         f"Images: {args.images} synthetic panoramics {width}x{height}, median {median(teeth):.0f} teeth kept; "
         f"detector {weights.name} (imgsz {detector.imgsz}); SAM {args.sam}, random weights.",

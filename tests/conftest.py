@@ -200,3 +200,89 @@ def start_backend(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+# --- the native stack (end-to-end tests) ----------------------------------------------------------
+
+LS_VENV = Path(os.environ.get("TOOTHSEG_LS_VENV", REPO / ".venv-ls"))
+
+
+def wait_for(what, predicate, timeout, interval=1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def gt_result(sample) -> list[dict]:
+    """A synthetic sample's ground truth as brush regions of the shipped labeling config."""
+    from backend.formats import find_target, mask_to_regions
+    from backend.label_config import render_label_config
+
+    target = find_target(render_label_config())
+    return [r for label, mask in sample.masks().items() for r in mask_to_regions(mask, target.value_for(label), target)]
+
+
+def predict_seconds(stack) -> list[float]:
+    """Per-task pipeline seconds the backend logged ("task N: K teeth (load 2 ms, ...)")."""
+    import re
+
+    text = (stack.data / "logs" / "backend.log").read_text(errors="replace")
+    return [sum(int(ms) for ms in re.findall(r"(\d+) ms", m.group(1))) / 1000
+            for m in re.finditer(r"backend\.model: task \d+: \d+ teeth \(([^)]*)\)", text)]
+
+
+@pytest.fixture
+def make_stack(tmp_path, trained_weights, sam_checkpoint):
+    """A native stack (not started) with `seeds` + `pool` synthetic images: pool_*.png in the
+    imported folder, seed_*.png in a sibling folder the test imports with annotations."""
+    import cv2
+
+    from training.stack import Stack
+    from training.synth import generate
+
+    if not (LS_VENV / "bin" / "label-studio").exists():
+        pytest.skip(f"no Label Studio venv at {LS_VENV} (scripts/setup creates it)")
+    stacks = []
+
+    def make(seeds: int, pool: int, token: str, **env) -> Stack:
+        files = tmp_path / "files"
+        images, seed_dir = files / "images", files / "seed"
+        images.mkdir(parents=True)
+        seed_dir.mkdir()
+        samples = {}
+        for i in range(seeds + pool):
+            sample = generate(9000 + i, SYNTH_SIZE)
+            name = f"{'seed' if i < seeds else 'pool'}_{i:02d}.png"
+            cv2.imwrite(str((seed_dir if i < seeds else images) / name), sample.image)
+            samples[name] = sample
+        settings = {
+            "LABEL_STUDIO_PORT": free_port(), "BACKEND_PORT": free_port(), "REDIS_PORT": free_port(),
+            "LABEL_STUDIO_USER_TOKEN": token, "YOLO_WEIGHTS": trained_weights, "SAM_CHECKPOINT": sam_checkpoint,
+            "SAM_MODEL_TYPE": "vit_tiny", "RETRAIN_MIN_NEW_ANNOTATIONS": 5, "TRAIN_AFTER_ANNOTATIONS": 0,
+            "TRAIN_EPOCHS": 6, "TRAIN_IMGSZ": 320, "TRAIN_BATCH": 4, "TRAIN_LR0": 0.01, "TRAIN_MOSAIC": 0,
+            "TRAIN_WARMUP_EPOCHS": 0, "SCORE_THRESHOLD": 0.1, "YOLO_VERBOSE": "False", **env,
+        }
+        stack = Stack(data=tmp_path / "stack", images=images, env={k: str(v) for k, v in settings.items()},
+                      ls_venv=LS_VENV)
+        stack.samples = samples
+        stack.seed_dir = seed_dir
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.down()
+
+
+def import_seeds(client, project: int, stack) -> list[str]:
+    """Import the seed images as tasks with ground-truth annotations (served by a second storage)."""
+    client.import_storage.local.create(project=project, path=str(stack.seed_dir), use_blob_urls=True, title="seed")
+    seeds = sorted(n for n in stack.samples if n.startswith("seed"))
+    client.projects.import_tasks(id=project, request=[
+        {"data": {"image": f"/data/local-files/?d=seed/{n}"},
+         "annotations": [{"result": gt_result(stack.samples[n]), "ground_truth": True}]} for n in seeds])
+    return seeds

@@ -1,7 +1,6 @@
 """The backend through real HTTP (gunicorn on loopback) with the bodies Label Studio sends."""
 import json
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 from backend.formats import result_to_masks
 from backend.images import ImageLoader

@@ -2,7 +2,6 @@
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest

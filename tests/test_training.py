@@ -1,5 +1,4 @@
 """Training with the paper's model changes, the evaluation gate, the registry and its faults."""
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from training.evaluate import gate, score_weights
 from training.history import format_table, plot_history, version_rows
 from training.metrics import Scores
 from training.model_changes import LargeBoxBboxLoss, area_weight
-from training.promotion import promote, reject, rollback, store_version
+from training.promotion import reject, store_version
 from training.synth import generate
 from training.train import TrainConfig, train_model
 

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from training.dataset_cli import register_dataset_commands
+
 
 class CLIError(Exception):
     """An expected failure: printed as one line, exit code 2."""
@@ -95,7 +97,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings()
     try:
-        data = collect(settings, [settings.train_queue, *args.queue])
+        data = collect(settings, [settings.train_queue, settings.preannotate_queue, *args.queue])
     except redis.RedisError as exc:
         raise CLIError(f"Redis at {settings.redis_url} is unavailable: {exc}") from None
     print(format_status(data))
@@ -122,6 +124,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     except redis.RedisError as exc:
         raise CLIError(f"Redis at {settings.redis_url} is unavailable: {exc}") from None
     print(f"project {project}: {decision.status} {decision.job_id or ''} ({decision.detail})")
+    return 0
+
+
+def cmd_preannotate(args: argparse.Namespace) -> int:
+    import redis
+
+    from backend.registry import Registry, project_key
+    from training.preannotate import enqueue_preannotation, run_chunk
+
+    settings = _settings()
+    project = project_key(args.project)
+    version = Registry(settings.model_dir).current_version(project)
+    if version is None:
+        raise CLIError(f"project {project} has no current model yet: train one first (`toothseg train`)")
+    if args.now:
+        print(run_chunk(project, version, settings, limit=args.limit or 10**9))
+        return 0
+    try:
+        job_id = enqueue_preannotation(redis.Redis.from_url(settings.redis_url), settings, project, version, "cli")
+    except redis.RedisError as exc:
+        raise CLIError(f"Redis at {settings.redis_url} is unavailable: {exc}") from None
+    print(f"project {project}: pre-annotation with {version} "
+          f"{'queued as ' + job_id if job_id else 'is already queued or running'} (see `toothseg status`)")
     return 0
 
 
@@ -179,7 +204,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
         stack.down()
         raise CLIError(str(exc)) from None
     print(f"Label Studio {stack.label_studio_url} (user {stack.setting('LABEL_STUDIO_USERNAME')}), backend "
-          f"{stack.backend_url}, project {result['project']} with {result['tasks']} tasks; logs in {stack.data / 'logs'}")
+          f"{stack.backend_url}, project {result['project']} with {result['tasks']} tasks; "
+          f"logs in {stack.data / 'logs'}")
     if args.detach:
         print(f"running in the background: `toothseg stack down --data {args.data}` stops it")
         return 0
@@ -225,10 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", action="append", default=[], help="another RQ queue to show")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("train", help="retrain a project: queue a job (as START_TRAINING does), or --now in this process")
+    p = sub.add_parser("train", help="retrain a project: queue a job (as START_TRAINING does), or --now here")
     p.add_argument("--project", required=True, help="Label Studio project id")
     p.add_argument("--now", action="store_true", help="run the retraining here instead of queueing it")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preannotate", help="pre-annotate every task without annotations with the current model")
+    p.add_argument("--project", required=True, help="Label Studio project id")
+    p.add_argument("--now", action="store_true", help="run here instead of queueing it for the worker")
+    p.add_argument("--limit", type=int, help="--now: at most this many tasks")
+    p.set_defaults(func=cmd_preannotate)
 
     p = sub.add_parser("bootstrap", help="wire Label Studio to the backend (idempotent; settings from the environment)")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for Label Studio (default 300)")
@@ -241,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="images folder imported into Label Studio (default <data>/images)")
     p.add_argument("--detach", action="store_true", help="up: return once everything runs")
     p.set_defaults(func=cmd_stack)
+    register_dataset_commands(sub)
     return parser
 
 

@@ -42,8 +42,8 @@ def choose_annotation(annotations: Iterable[Mapping[str, Any]]) -> Mapping[str, 
     usable = [a for a in annotations if not a.get("was_cancelled")]
     if not usable:
         return None
-    return max(usable, key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or a.get("created_at") or ""),
-                                      int(a.get("id") or 0)))
+    return max(usable, key=lambda a: (bool(a.get("ground_truth")),
+                                      str(a.get("updated_at") or a.get("created_at") or ""), int(a.get("id") or 0)))
 
 
 def annotated_tasks(export: Iterable[Mapping[str, Any]]) -> tuple[list[AnnotatedTask], list[Mapping[str, Any]]]:

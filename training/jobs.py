@@ -189,4 +189,9 @@ def retrain(project: str, reason: str = "") -> dict[str, Any]:
     if job is None:  # called directly (toothseg train): no queue to coalesce with
         return run_retrain(project, settings, f"local-{int(time.time())}")
     queue = RetrainQueue.from_settings(job.connection, settings)
-    return queue.run(project, job, lambda covered: run_retrain(project, settings, job.id, covered=covered))
+    summary = queue.run(project, job, lambda covered: run_retrain(project, settings, job.id, covered=covered))
+    if summary.get("status") == "promoted" and settings.preannotate_after_promotion:
+        from training.preannotate import enqueue_preannotation
+
+        enqueue_preannotation(job.connection, settings, project, summary["version"])
+    return summary

@@ -120,8 +120,10 @@ class Stack:
             "LABEL_STUDIO_ML_BACKEND_V2": "1",
             "DEVICE": self.env.get("DEVICE", "cpu"),
         }
-        extra = {k: v for k, v in self.env.items() if k.startswith(("TRAIN_", "SAM_", "GATE_", "SCORE_", "PSEUDO_",
-                                                                     "BASIC_AUTH_", "WEBHOOK_", "PREDICT_"))}
+        from backend.settings import settings_table
+
+        known = {name for name, _, _ in settings_table()}
+        extra = {k: v for k, v in self.env.items() if k in known or k.startswith(("TRAIN_", "YOLO_", "BASIC_AUTH_"))}
         return {**os.environ, **extra, **env}
 
     def label_studio_env(self) -> dict[str, str]:
@@ -148,8 +150,9 @@ class Stack:
             "redis": ([shutil.which("redis-server") or "redis-server", "--port", self.setting("REDIS_PORT"),
                        "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", str(redis_dir)], dict(os.environ)),
             "label-studio": ([str(self.ls_venv / "bin" / "label-studio"), "start", "--no-browser",
-                              "--data-dir", str(self.data / "label-studio"), "--port", self.setting("LABEL_STUDIO_PORT"),
-                              "--internal-host", "127.0.0.1"], self.label_studio_env()),
+                              "--data-dir", str(self.data / "label-studio"),
+                              "--port", self.setting("LABEL_STUDIO_PORT"), "--internal-host", "127.0.0.1"],
+                             self.label_studio_env()),
             "backend": ([str(bin_dir / backend_command("")[0]), *backend_command(
                 f"127.0.0.1:{self.setting('BACKEND_PORT')}")[1:]], self.app_env()),
             "worker": ([str(bin_dir / "rq"), *worker_command(self.redis_url, self.setting("TRAIN_QUEUE"),
@@ -206,7 +209,7 @@ class Stack:
 
     def down(self, grace: float = 20.0) -> None:
         """Stop every service (process groups: gunicorn and rq children too), reverse start order."""
-        for name, pid in reversed(list(self.pids().items())):
+        for pid in reversed(list(self.pids().values())):
             _stop_group(pid, grace)
         self.state_file.unlink(missing_ok=True)
 
@@ -231,18 +234,42 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _descendants(pid: int) -> list[int]:
+    """All processes below `pid` (from /proc), e.g. gunicorn workers and rq work horses, which
+    rq puts in process groups of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _stop_group(pid: int, grace: float) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    """SIGTERM the service's process group (twice: an rq worker's second SIGTERM is its cold
+    shutdown, which stops the running job), then SIGKILL whatever is left, descendants included."""
+    below = _descendants(pid)
+    for _ in range(2):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and (_alive(pid) or any(_alive(p) for p in below)):
         time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for target in [pid, *below, *_descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen) -> None:

@@ -88,8 +88,8 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
                            mean=mean, std=std)
     model = YOLO(str(warm_start) if warm_start else config.model_cfg, task="segment")
     if on_epoch is not None:
-        model.add_callback("on_fit_epoch_end",
-                           lambda tr: on_epoch(min(tr.epoch + 1, tr.epochs), tr.epochs, {k: float(v) for k, v in (tr.metrics or {}).items()}))
+        model.add_callback("on_fit_epoch_end", lambda tr: on_epoch(
+            min(tr.epoch + 1, tr.epochs), tr.epochs, {k: float(v) for k, v in (tr.metrics or {}).items()}))
     run_dir = Path(run_dir)
     start = time.perf_counter()
     model.train(

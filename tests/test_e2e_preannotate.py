@@ -1,0 +1,92 @@
+"""Background pre-annotation on the native stack with a real Label Studio: after a promotion every
+unannotated task gets a prediction of the new version without any /predict call; the next
+promotion replaces them; a worker killed mid-pass is resumed with no duplicates."""
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from backend.registry import Registry
+from conftest import REPO, import_seeds, predict_seconds, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TOKEN = "e2e-preannotate-token-42"
+
+
+def toothseg_predictions(client, project, registry):
+    ours = {v.version for v in registry.versions(project)}
+    return [p for p in client.predictions.list(project=project) if p.model_version in ours]
+
+
+def test_background_preannotation(make_stack):
+    from label_studio_sdk import LabelStudio
+
+    stack = make_stack(seeds=12, pool=24, token=TOKEN, GATE_TOLERANCE=1.0, PREANNOTATE_CHUNK=8)
+    try:
+        boot = stack.up()
+        client = LabelStudio(base_url=stack.label_studio_url, api_key=TOKEN)
+        project = boot["project"]
+        import_seeds(client, project, stack)
+        registry = Registry(stack.data / "models")
+        pool_ids = sorted(t.id for t in client.tasks.list(project=project) if not t.total_annotations)
+        assert len(pool_ids) == 24
+        ml = client.ml.list(project=project)[0]
+
+        # promotion 1 -> every unannotated task is pre-annotated in the background
+        client.ml.train(id=ml.id)
+        v1 = wait_for("the first model", lambda: registry.current_version(project), 300, 2)
+
+        def covered(version):
+            preds = toothseg_predictions(client, project, registry)
+            return {p.task for p in preds if p.model_version == version} >= set(pool_ids)
+
+        wait_for("the background pass of v1", lambda: covered(v1), 300, 3)
+        preds = toothseg_predictions(client, project, registry)
+        assert Counter(p.task for p in preds) == Counter(pool_ids), "one prediction per task"
+        assert predict_seconds(stack) == [], "no /predict call was needed"
+        assert any(p.result for p in preds)
+
+        # promotion 2 -> the new version's predictions replace the old ones
+        client.ml.train(id=ml.id)
+        v2 = wait_for("the second model", lambda: (registry.current_version(project) or v1) != v1 and
+                      registry.current_version(project), 300, 2)
+        wait_for("the background pass of v2", lambda: covered(v2) and not any(
+            p.model_version == v1 for p in toothseg_predictions(client, project, registry)), 300, 3)
+        preds = toothseg_predictions(client, project, registry)
+        assert Counter(p.task for p in preds) == Counter(pool_ids)
+        assert {p.model_version for p in preds} == {v2}
+
+        # a worker killed mid-pass (promotion 3) resumes and finishes without duplicates
+        client.ml.train(id=ml.id)
+        v3 = wait_for("the third model", lambda: (registry.current_version(project) or v2) != v2 and
+                      registry.current_version(project), 300, 2)
+        wait_for("the pass of v3 to be under way", lambda: 2 <= sum(
+            p.model_version == v3 for p in toothseg_predictions(client, project, registry)) < 12, 120, 0.5)
+        os.killpg(stack.pids()["worker"], signal.SIGKILL)
+        done_at_kill = sum(p.model_version == v3 for p in toothseg_predictions(client, project, registry))
+        assert done_at_kill < len(pool_ids)
+        time.sleep(62)  # the replacement worker comes up after the dead one's scheduler lock lapsed
+        argv, env = stack.services()["worker"]
+        log = open(stack.data / "logs" / "worker-2.log", "ab")
+        replacement = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        try:
+            # rq finds the job abandoned and retries it; the retry skips what was saved
+            wait_for("the resumed pass of v3", lambda: covered(v3) and not any(
+                p.model_version != v3 for p in toothseg_predictions(client, project, registry)), 300, 3)
+            preds = toothseg_predictions(client, project, registry)
+            assert Counter(p.task for p in preds) == Counter(pool_ids), "no task predicted twice"
+            assert {p.model_version for p in preds} == {v3}
+        finally:
+            os.killpg(replacement.pid, signal.SIGTERM)
+            replacement.wait(30)
+        # nothing annotated is lost
+        export = client.projects.exports.as_json(project)
+        assert sum(len(t.get("annotations") or []) for t in export) == 12
+    except BaseException:
+        print(stack.log_tails(60))
+        raise

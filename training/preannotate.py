@@ -1,0 +1,168 @@
+"""Background pre-annotation: after each promotion the worker predicts every unannotated task
+with the current model and saves the predictions through label-studio-sdk (the paper's loop:
+the model predicts the unlabeled pool, SAM refines, the oracle verifies).
+
+- Order: tasks without annotations, by task id. A task that already has a prediction of the
+  current version is skipped, so a pass is resumable: a killed worker's job (rq retries it) or
+  a rerun continues where it stopped and never saves two predictions of one version for a task.
+- Replacement: when a task gets the new version's prediction, its predictions from older
+  toothseg versions are deleted, so Label Studio shows one current pre-annotation per task.
+- Fairness: the pass runs on its own queue (PREANNOTATE_QUEUE, listed after the training queue
+  by `rq worker`, so a queued retrain goes first), in chunks of PREANNOTATE_CHUNK tasks (each
+  chunk a job that enqueues the next), at nice level PREANNOTATE_NICE so the backend's
+  interactive requests keep the CPU.
+- A newer promotion supersedes a running pass: it stops at its next task and the new version's
+  pass takes over. SAM embeddings come from the shared disk cache (EMBEDDING_CACHE_DIR), so after
+  a retrain a pass costs the detector and prompt decoding only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import redis
+from rq import Queue, Retry, get_current_job
+from rq.job import Job, JobStatus
+
+from backend.formats import find_target, instances_to_results
+from backend.images import ImageError, ImageLoader, task_image_url
+from backend.model import task_score
+from backend.registry import Registry, project_key
+from backend.runtime import Runtime
+from backend.settings import Settings
+
+logger = logging.getLogger("toothseg.preannotate")
+
+JOB_FUNCTION = "training.preannotate.preannotate"
+_LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+def _chain_key(project: str) -> str:
+    return f"toothseg:project:{project}:preannotate"
+
+
+def enqueue_preannotation(conn: redis.Redis, settings: Settings, project: Any, version: str,
+                          reason: str = "promotion") -> str | None:
+    """Queue the pass of `version` for `project` unless that pass is already queued or running;
+    returns the job id (None if one is live)."""
+    project = project_key(project)
+    key = _chain_key(project)
+    raw = conn.get(key)
+    if raw:
+        running_version, running_job = raw.decode().split(" ", 1)
+        try:
+            live = Job.fetch(running_job, connection=conn).get_status() in _LIVE
+        except Exception:
+            live = False
+        if live and running_version == version:
+            return None
+    job_id = f"preannotate-{project}-{uuid.uuid4().hex[:12]}"
+    conn.set(key, f"{version} {job_id}")
+    Queue(settings.preannotate_queue, connection=conn).enqueue(
+        JOB_FUNCTION, project, version, job_id=job_id, job_timeout=settings.train_job_timeout,
+        result_ttl=7 * 86400, failure_ttl=7 * 86400, retry=Retry(max=3, interval=[10, 30, 90]),
+        description=f"pre-annotate project {project} with {version} ({reason})",
+        meta={"project": project, "version": version, "stage": "queued"})
+    logger.info("project %s: pre-annotation with %s queued as %s (%s)", project, version, job_id, reason)
+    return job_id
+
+
+def _client(settings: Settings):
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key, timeout=60)
+
+
+def plan(client, project: str, version: str, own_versions: set[str],
+         failed: set[int] = frozenset()) -> tuple[list, dict[int, list]]:
+    """(tasks without annotations that lack a `version` prediction, in id order, except those whose
+    image failed in this pass; task id -> that task's predictions from other toothseg versions)."""
+    tasks = sorted((t for t in client.tasks.list(project=int(project)) if not t.total_annotations),
+                   key=lambda t: t.id)
+    by_task: dict[int, list] = {}
+    for p in client.predictions.list(project=int(project)):
+        by_task.setdefault(p.task, []).append(p)
+    todo = [t for t in tasks if t.id not in failed and not any(p.model_version == version
+                                                                  for p in by_task.get(t.id, []))]
+    stale = {tid: [p for p in preds if p.model_version in own_versions and p.model_version != version]
+             for tid, preds in by_task.items()}
+    return todo, stale
+
+
+def _failed_key(project: str, version: str) -> str:
+    return f"toothseg:project:{project}:preannotate:{version}:failed"
+
+
+def run_chunk(project: str, version: str, settings: Settings, limit: int, report=None,
+              conn: redis.Redis | None = None) -> dict[str, Any]:
+    """Pre-annotate up to `limit` tasks; returns counts and whether work remains. Tasks whose image
+    cannot be loaded are remembered (in Redis, per version) and not retried by later chunks."""
+    registry = Registry(settings.model_dir)
+    client = _client(settings)
+    target = find_target(client.projects.get(id=int(project)).label_config)
+    own = {v.version for v in registry.versions(project)}
+    failed_ids = {int(x) for x in conn.smembers(_failed_key(project, version))} if conn else set()
+    todo, stale = plan(client, project, version, own, failed_ids)
+    runtime = Runtime(settings)
+    served = runtime.serve(project)
+    if served.version != version:
+        return {"status": "superseded", "by": served.version, "remaining": len(todo)}
+    loader = ImageLoader(settings)
+    done = failed = 0
+    started = time.perf_counter()
+    for task in todo[:limit]:
+        if registry.current_version(project) != version:
+            return {"status": "superseded", "predicted": done, "remaining": len(todo) - done}
+        try:
+            image = loader.load(task_image_url({"data": task.data}, target.value_key))
+        except ImageError as exc:
+            logger.warning("project %s task %s: no pre-annotation: %s", project, task.id, exc.reason)
+            failed += 1
+            if conn is not None:
+                conn.sadd(_failed_key(project, version), task.id)
+                conn.expire(_failed_key(project, version), 30 * 86400)
+            continue
+        result = instances_to_results(served.pipeline.run(image), target)
+        client.predictions.create(task=task.id, result=result, score=task_score(result), model_version=version)
+        for old in stale.get(task.id, []):
+            client.predictions.delete(id=old.id)
+        done += 1
+        if report:
+            report(done, min(limit, len(todo)), len(todo))
+    remaining = len(todo) - done - failed
+    rate = done / max(time.perf_counter() - started, 1e-9) * 60
+    return {"status": "continue" if remaining > 0 and len(todo) > limit else "done", "predicted": done,
+            "failed": failed, "remaining": max(remaining, 0), "tasks_per_minute": round(rate, 2)}
+
+
+def preannotate(project: str, version: str) -> dict[str, Any]:
+    """rq entry point: one chunk of the pass, then the next chunk is queued if tasks remain."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    job = get_current_job()
+    if settings.preannotate_nice:
+        os.nice(settings.preannotate_nice)
+
+    def report(done: int, chunk: int, total: int) -> None:
+        logger.info("project %s [pre-annotate %s] %d of %d in this chunk (%d left in the pass)",
+                    project, version, done, chunk, total - done)
+        if job is not None:
+            job.meta.update(stage="pre-annotate", progress=round(done / max(chunk, 1), 3),
+                            detail=f"{done}/{chunk} tasks of this chunk, {total - done} left")
+            job.save_meta()
+
+    summary = run_chunk(project, version, settings, settings.preannotate_chunk, report,
+                        job.connection if job is not None else None)
+    logger.info("project %s: pre-annotation chunk with %s: %s", project, version, summary)
+    if job is not None:
+        conn = job.connection
+        mine = (conn.get(_chain_key(project)) or b"").decode() == f"{version} {job.id}"
+        if mine:
+            conn.delete(_chain_key(project))
+            if summary["status"] == "continue":
+                enqueue_preannotation(conn, settings, project, version, "next chunk")
+    return summary
