@@ -293,5 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m training.cli`: run the importable module's main, so the
+    from training.cli import main as _main  # CLIError other modules raise is the one caught
+
+    raise SystemExit(_main())
