@@ -10,6 +10,8 @@ label-studio-ml 1.0.9 is used as it ships, with these fixes made here rather tha
   message, never a 500 with a traceback.
 - `/webhook` enqueues coalesced retrain jobs (`backend.webhooks`), START_TRAINING included;
   the package ignores START_TRAINING and names jobs by the second.
+- `/health` says UP without the model directory; optional basic auth and webhook secret
+  (`backend.security`); credentials are redacted from every log line.
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from flask import Flask, jsonify, request
 from label_studio_ml import api
 from label_studio_ml.api import init_app
 from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from backend.formats import LabelConfigError, find_target
 from backend.model import ToothSegBackend
 from backend.registry import project_key
 from backend.runtime import get_runtime
+from backend.security import install_access_control, install_redaction
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ class ToothSegManager(LabelStudioMLManager):
 
 
 def _json_body() -> dict[str, Any]:
+    limit = get_runtime().settings.max_request_bytes
+    if (request.content_length or 0) > limit:
+        raise RequestEntityTooLarge(f"request body of {request.content_length} bytes exceeds MAX_REQUEST_BYTES "
+                                    f"({limit})")
     data = request.get_json(force=True, silent=True)
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
@@ -117,6 +124,15 @@ def _http_error(exc: HTTPException):
     return jsonify({"error": exc.description, "status": exc.code}), exc.code
 
 
+def _server_error(exc: Exception):
+    logger.exception("unexpected error on %s %s", request.method, request.path)
+    return jsonify({"error": f"internal error ({exc.__class__.__name__}); see the backend log", "status": 500}), 500
+
+
+def health_view():
+    return jsonify({"status": "UP", "model_class": ToothSegBackend.__name__})
+
+
 def create_app() -> Flask:
     """Build the app (the gunicorn entry point). Models are not loaded here."""
     os.environ.setdefault("LABEL_STUDIO_ML_BACKEND_V2", "1")
@@ -128,6 +144,10 @@ def create_app() -> Flask:
     app.view_functions["_setup"] = setup_view
     app.view_functions["_predict"] = predict_view
     app.view_functions["webhook"] = webhook_view
+    app.view_functions["health"] = health_view
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _server_error)
     app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_request_bytes
+    install_access_control(app, runtime.settings)
+    install_redaction()
     return app

@@ -75,6 +75,15 @@ class Settings:
         "(ML_TIMEOUT_PREDICT, 100 s). 0 = predict any batch in one request.")
     max_request_bytes: int = _setting("MAX_REQUEST_BYTES", "52428800", int,
         "Largest request body the backend accepts (bytes); larger ones get 413.")
+    basic_auth_user: str = _setting("BASIC_AUTH_USER", "", str,
+        "With BASIC_AUTH_PASS: every route but /health requires this basic-auth user (set the same in "
+        "Label Studio's ML backend settings).")
+    basic_auth_pass: str = _setting("BASIC_AUTH_PASS", "", str, "Password for BASIC_AUTH_USER.")
+    webhook_secret: str = _setting("WEBHOOK_SECRET", "", str,
+        "If set, /webhook requires the header WEBHOOK_SECRET_HEADER with this value (bootstrap adds it to "
+        "the project's webhook in Label Studio).")
+    webhook_secret_header: str = _setting("WEBHOOK_SECRET_HEADER", "X-Toothseg-Webhook-Secret", str,
+        "Header that carries WEBHOOK_SECRET.")
     retrain_min_new_annotations: int = _setting("RETRAIN_MIN_NEW_ANNOTATIONS", "10", int,
         "Annotation webhooks retrain a project once this many annotations were created, updated or "
         "deleted since the last training started. START_TRAINING always retrains.")

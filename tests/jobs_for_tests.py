@@ -15,9 +15,11 @@ def slow_job(project: str, reason: str = "") -> dict:
     queue = RetrainQueue.from_settings(job.connection, Settings.from_env())
 
     def work(covered):
+        start = time.time()
         job.connection.rpush("test:runs", f"{job.id}|{reason}")
         covered(m.decode() for m in job.connection.smembers("test:exported"))
         time.sleep(float(os.environ.get("SLOW_JOB_SECONDS", "2")))
+        job.connection.rpush("test:spans", f"{start} {time.time()}")
         if job.connection.get("test:fail"):
             raise RuntimeError("Label Studio is unreachable (simulated)")
         return {"reason": reason}

@@ -1,5 +1,4 @@
 """Coalescing of retrain jobs on real Redis with a real `rq worker` process."""
-import os
 import subprocess
 import time
 
@@ -12,33 +11,9 @@ from rq.job import Job
 from backend.retrain_queue import RetrainQueue, annotation_key
 from backend.settings import Settings
 from backend.webhooks import handle_webhook
-from conftest import REPO, VENV_BIN, stop
+from conftest import QUEUE, REPO, VENV_BIN, stop  # noqa: F401  (start_worker is a conftest fixture)
 
-QUEUE = "toothseg-train-test"
 JOB = "jobs_for_tests.slow_job"
-
-
-def worker_env(redis_url, **extra):
-    return {**os.environ, "REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "RETRAIN_MIN_NEW_ANNOTATIONS": "1",
-            "PYTHONPATH": str(REPO / "tests"), **{k: str(v) for k, v in extra.items()}}
-
-
-@pytest.fixture
-def start_worker(tmp_path):
-    procs = []
-
-    def start(redis_url, **extra):
-        log = tmp_path / f"worker-{len(procs)}.log"
-        proc = subprocess.Popen([str(VENV_BIN / "rq"), "worker", QUEUE, "--url", redis_url, "--with-scheduler",
-                                 "--path", str(REPO / "tests"), "--job-monitoring-interval", "5"], cwd=REPO, env=worker_env(redis_url, **extra),
-                                stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        stop(proc)
-
 
 def queue_for(redis_url, min_new=1):
     return RetrainQueue(redis.Redis.from_url(redis_url), QUEUE, min_new, job_timeout=600, job_function=JOB)
@@ -180,8 +155,8 @@ def test_webhook_endpoint_answers_fast_and_503_without_redis(start_backend, redi
     r = httpx.post(f"{dead.url}/webhook", json={"action": "START_TRAINING", "project": {"id": 5}})
     assert r.status_code == 503 and "unavailable" in r.json()["error"]
     # predictions are still served without Redis
-    assert httpx.post(f"{dead.url}/setup", json={"project": "5.1", "schema": open(REPO / "label_studio_config.xml").read()}
-                      ).status_code == 200
+    schema = (REPO / "label_studio_config.xml").read_text()
+    assert httpx.post(f"{dead.url}/setup", json={"project": "5.1", "schema": schema}).status_code == 200
 
 
 def test_handle_webhook_records_annotation_times(redis_url):

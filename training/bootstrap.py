@@ -4,7 +4,8 @@
 2. find the project by title, or create it from label_studio_config.xml;
 3. add the images folder as Local Files import storage (unless already added) and sync it;
 4. connect the ML backend (unless a backend with the same URL is connected), interactive on;
-5. set "start training after N annotations" (START_TRAINING webhooks).
+5. give the backend's webhook the WEBHOOK_SECRET header, if one is configured;
+6. set "start training after N annotations" (START_TRAINING webhooks).
 
 Running it again changes nothing that is already in place, so it is safe in `docker compose up`.
 """
@@ -31,6 +32,8 @@ class BootstrapConfig:
     train_after: int = 0  # Label Studio's min_annotations_to_start_training (0 = off)
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
+    webhook_secret: str = ""
+    webhook_secret_header: str = "X-Toothseg-Webhook-Secret"
 
 
 def wait_for_label_studio(url: str, timeout: float = 300.0) -> None:
@@ -86,6 +89,15 @@ def bootstrap(cfg: BootstrapConfig, wait: float = 300.0) -> dict:
         ml = client.ml.create(project=project.id, url=cfg.backend_url, title="toothseg", is_interactive=True, **kwargs)
         done["ml_backend"] = ml.id
         done["created"].append("ml_backend")
+
+    if cfg.webhook_secret:  # the webhook Label Studio created with the ML backend must carry the secret
+        hook_url = cfg.backend_url.rstrip("/") + "/webhook"
+        for hook in client.webhooks.list(project=project.id):
+            if hook.url.rstrip("/") == hook_url and (hook.headers or {}).get(cfg.webhook_secret_header) != \
+                    cfg.webhook_secret:
+                client.webhooks.update(id=hook.id, url=hook.url,
+                                       headers={**(hook.headers or {}), cfg.webhook_secret_header: cfg.webhook_secret})
+                done["created"].append("webhook_secret")
 
     client.projects.update(id=project.id, min_annotations_to_start_training=cfg.train_after,
                            show_collab_predictions=True)

@@ -172,7 +172,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         label_config=label_config, project_title=env.get("PROJECT_TITLE", "toothseg"),
         images_dir=Path(env["IMAGES_DIR"]) if env.get("IMAGES_DIR") else None,
         train_after=int(env.get("TRAIN_AFTER_ANNOTATIONS", "0")),
-        basic_auth_user=env.get("BASIC_AUTH_USER", ""), basic_auth_pass=env.get("BASIC_AUTH_PASS", ""))
+        basic_auth_user=env.get("BASIC_AUTH_USER", ""), basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
+        webhook_secret=env.get("WEBHOOK_SECRET", ""),
+        webhook_secret_header=env.get("WEBHOOK_SECRET_HEADER", "X-Toothseg-Webhook-Secret"))
     try:
         result = bootstrap(cfg, wait=args.wait)
     except TimeoutError as exc:

@@ -41,7 +41,8 @@ DEFAULTS = {
 # Variables the backend and the worker get, in both the compose file and the native stack.
 APP_ENV = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "MODEL_DIR", "SAM_CHECKPOINT", "SAM_MODEL_TYPE",
            "YOLO_WEIGHTS", "LOCAL_FILES_DOCUMENT_ROOT", "EMBEDDING_CACHE_DIR", "RETRAIN_MIN_NEW_ANNOTATIONS",
-           "TRAIN_QUEUE", "PREANNOTATE_QUEUE", "LABEL_STUDIO_ML_BACKEND_V2", "DEVICE")
+           "TRAIN_QUEUE", "PREANNOTATE_QUEUE", "LABEL_STUDIO_ML_BACKEND_V2", "DEVICE", "BASIC_AUTH_USER",
+           "BASIC_AUTH_PASS", "WEBHOOK_SECRET")
 # Variables of the Label Studio service (both places).
 LABEL_STUDIO_ENV = ("LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN", "ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED",
                     "LOCAL_FILES_SERVING_ENABLED", "LOCAL_FILES_DOCUMENT_ROOT", "LABEL_STUDIO_USERNAME",
@@ -119,6 +120,9 @@ class Stack:
             "PREANNOTATE_QUEUE": self.setting("PREANNOTATE_QUEUE"),
             "LABEL_STUDIO_ML_BACKEND_V2": "1",
             "DEVICE": self.env.get("DEVICE", "cpu"),
+            "BASIC_AUTH_USER": self.env.get("BASIC_AUTH_USER", ""),
+            "BASIC_AUTH_PASS": self.env.get("BASIC_AUTH_PASS", ""),
+            "WEBHOOK_SECRET": self.env.get("WEBHOOK_SECRET", ""),
         }
         from backend.settings import settings_table
 

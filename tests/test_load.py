@@ -1,0 +1,48 @@
+"""Concurrent load on the backend under gunicorn with threads."""
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from backend.label_config import render_label_config
+from conftest import register_model
+from training.stack import _descendants
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+@pytest.mark.scenario("20 concurrent one-task /predict requests for 20 different images (gunicorn, 1 worker, "
+                      "4 threads)", "all answered 200 with teeth; one copy of each model in the process (loaded "
+                      "once); peak memory below 3 GB")
+def test_twenty_concurrent_predicts(start_backend, synth_dir, trained_weights, sam_checkpoint, tmp_path):
+    models = tmp_path / "models"
+    version = register_model(models, "1", trained_weights)
+    server = start_backend(MODEL_DIR=models, SAM_CHECKPOINT=sam_checkpoint, SAM_MODEL_TYPE="vit_tiny",
+                           LOCAL_FILES_DOCUMENT_ROOT=synth_dir, SCORE_THRESHOLD=0.05)
+    names = sorted(p.name for p in (synth_dir / "images").iterdir())[:20]
+    config = render_label_config()
+
+    def one(i_name):
+        i, name = i_name
+        body = {"tasks": [{"id": i, "data": {"image": f"/data/local-files/?d=images/{name}"}}],
+                "project": "1.17", "label_config": config, "params": {"context": None}}
+        t = time.perf_counter()
+        r = httpx.post(f"{server.url}/predict", json=body, timeout=600)
+        return r, time.perf_counter() - t
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(one, enumerate(names)))
+    assert [r.status_code for r, _ in answers] == [200] * 20
+    assert all(r.json()["results"][0]["result"] and r.json()["model_version"] == version for r, _ in answers)
+    log = server.log_text()
+    assert log.count("loaded model version") == 1 and log.count("loading SAM") == 1
+    workers = _descendants(server.proc.pid)
+    assert len(workers) == 1
+    assert peak_rss_mb(workers[0]) < 3000
+    assert httpx.get(f"{server.url}/health").status_code == 200
