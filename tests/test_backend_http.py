@@ -139,6 +139,8 @@ def test_predict_polygon_config(served):
     assert all(region["type"] == "polygonlabels" and region["from_name"] == "teeth" for region in pred["result"])
 
 
+@pytest.mark.scenario("One /predict batch with a task without an image key, a missing file, corrupt bytes, a 12000x12000 decompression bomb, a foreign host and a path escape",
+                      "each gets an empty prediction with its reason logged; the good task in the batch is predicted; the server keeps serving")
 def test_bad_tasks_get_empty_predictions_and_the_rest_is_predicted(served):
     server, version, names = served
     tasks = [
@@ -162,6 +164,8 @@ def test_bad_tasks_get_empty_predictions_and_the_rest_is_predicted(served):
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+@pytest.mark.scenario("Malformed /predict and /setup bodies (not JSON, not an object, tasks not a list, bad project id, no label config, a config without BrushLabels or PolygonLabels)",
+                      "400 with a message, no traceback; the server keeps serving")
 @pytest.mark.parametrize("body,status,message", [
     (b"{not json", 400, "JSON object"),
     (b"[1, 2]", 400, "JSON object"),

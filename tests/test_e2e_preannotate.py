@@ -22,6 +22,8 @@ def toothseg_predictions(client, project, registry):
     return [p for p in client.predictions.list(project=project) if p.model_version in ours]
 
 
+@pytest.mark.scenario("A worker SIGKILLed during a background pre-annotation pass",
+                      "the pass resumes on a new worker; every unannotated task ends with exactly one prediction of the version")
 def test_background_preannotation(make_stack):
     from label_studio_sdk import LabelStudio
 

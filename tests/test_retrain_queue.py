@@ -109,6 +109,8 @@ def test_failed_job_is_retried_then_releases_the_project(redis_url, start_worker
     assert event(q, "3", start_training=True).status == "enqueued"  # the project is free again
 
 
+@pytest.mark.scenario("An rq worker SIGKILLed in the middle of a retrain job",
+                      "rq finds the job abandoned once its heartbeat lapses, retries it on the next worker, and the project is free again")
 @pytest.mark.slow
 def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_worker):
     r = redis.Redis.from_url(redis_url)

@@ -130,7 +130,7 @@ def test_tasks_and_labelme_structure(dataset):
         labels = [shape["label"] for shape in doc["shapes"]]
         assert len(labels) == len(set(labels)) == len(result)
     teeth = sum(len(t["annotations"][0]["result"]) for t in tasks)
-    assert summary.startswith(f"4 images (") and f"{teeth} teeth -> {out}" in summary
+    assert summary.startswith("4 images (") and f"{teeth} teeth -> {out}" in summary
 
 
 def test_brush_regions_validate_against_the_label_config(dataset):

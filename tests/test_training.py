@@ -178,6 +178,8 @@ def test_registry_rollback_history_and_cli(tmp_path, trained_weights):
     assert "instance_dice" in format_table(version_rows(registry, "3"))
 
 
+@pytest.mark.scenario("The current version's weights file corrupted",
+                      "the backend logs an error and serves the previous version")
 def test_corrupted_current_weights_fall_back_to_the_previous_version(tmp_path, trained_weights, caplog):
     models = tmp_path / "models"
     v1 = register_model(models, "5", trained_weights)
@@ -192,6 +194,8 @@ def test_corrupted_current_weights_fall_back_to_the_previous_version(tmp_path, t
     assert any(f"model version {v2} cannot be loaded" in r.message and r.levelname == "ERROR" for r in caplog.records)
 
 
+@pytest.mark.scenario("Disk full (ENOSPC) while a new model version is written",
+                      "the half-written version is removed; CURRENT and the stored versions are unchanged")
 def test_disk_full_while_saving_leaves_current_untouched(tmp_path, trained_weights, monkeypatch):
     import shutil as shutil_module
 
@@ -235,6 +239,8 @@ promote(reg, "7", v.version, "done")
 """
 
 
+@pytest.mark.scenario("A training process SIGKILLed mid-training",
+                      "no partial version appears; the current model is unchanged and still served")
 def test_killed_training_leaves_the_current_model_untouched(tmp_path, trained_weights):
     models = tmp_path / "models"
     v1 = register_model(models, "7", trained_weights)
