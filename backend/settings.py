@@ -96,6 +96,8 @@ class Settings:
         "Tasks per pre-annotation job; the next chunk is queued behind any waiting retrain.")
     preannotate_nice: int = _setting("PREANNOTATE_NICE", "10", int,
         "CPU niceness of pre-annotation jobs, so interactive /predict requests keep the CPU.")
+    preannotate_threads: int = _setting("PREANNOTATE_THREADS", "0", int,
+        "torch threads of pre-annotation jobs; 0 = half the cores (at least 1), leaving the rest to the backend.")
     train_job_timeout: int = _setting("TRAIN_JOB_TIMEOUT", "86400", int, "Seconds a retraining job may run.")
     work_dir: Path | None = _setting("WORK_DIR", "", _path,
         "Scratch space of retraining jobs (exported datasets, training runs). Empty: MODEL_DIR/.work.")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from training.dataset_cli import register_dataset_commands
+from training.simulate import add_arguments as add_simulate_arguments
 
 
 class CLIError(Exception):
@@ -223,6 +224,15 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from training.simulate import run_from_args
+
+    run_from_args(args, shlex.join(["toothseg", *sys.argv[1:]]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toothseg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -275,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="images folder imported into Label Studio (default <data>/images)")
     p.add_argument("--detach", action="store_true", help="up: return once everything runs")
     p.set_defaults(func=cmd_stack)
+    p = sub.add_parser("simulate", help="label efficiency of the loop with a simulated oracle, and ablations")
+    add_simulate_arguments(p)
+    p.set_defaults(func=cmd_simulate)
     register_dataset_commands(sub)
     return parser
 

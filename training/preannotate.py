@@ -9,8 +9,9 @@ the model predicts the unlabeled pool, SAM refines, the oracle verifies).
   toothseg versions are deleted, so Label Studio shows one current pre-annotation per task.
 - Fairness: the pass runs on its own queue (PREANNOTATE_QUEUE, listed after the training queue
   by `rq worker`, so a queued retrain goes first), in chunks of PREANNOTATE_CHUNK tasks (each
-  chunk a job that enqueues the next), at nice level PREANNOTATE_NICE so the backend's
-  interactive requests keep the CPU.
+  chunk a job that enqueues the next), at nice level PREANNOTATE_NICE and with
+  PREANNOTATE_THREADS torch threads (half the cores by default), so the backend's interactive
+  requests keep the CPU.
 - A newer promotion supersedes a running pass: it stops at its next task and the new version's
   pass takes over. SAM embeddings come from the shared disk cache (EMBEDDING_CACHE_DIR), so after
   a retrain a pass costs the detector and prompt decoding only.
@@ -21,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -143,6 +145,8 @@ def preannotate(project: str, version: str) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
+    threads = settings.preannotate_threads or max(1, (os.cpu_count() or 1) // 2)
+    settings = replace(settings, torch_threads=threads)  # the Runtime below applies it
     job = get_current_job()
     if settings.preannotate_nice:
         os.nice(settings.preannotate_nice)
