@@ -187,6 +187,28 @@ def test_malformed_predict_requests_are_400_with_a_message(start_backend, body, 
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+def test_interactive_rectangle_prompts_sam(served, synth_dir):
+    server, version, names = served
+    from training.labelme import read_labelme
+
+    masks, (h, w) = read_labelme(synth_dir / "labelme" / names[1].replace(".png", ".json"))
+    ys, xs = np.nonzero(masks["21"])
+    box = {"original_width": w, "original_height": h, "image_rotation": 0, "type": "rectanglelabels",
+           "from_name": "tooth_box", "to_name": "image", "origin": "manual", "id": "r1",
+           "value": {"x": xs.min() / w * 100, "y": ys.min() / h * 100, "width": (xs.max() - xs.min()) / w * 100,
+                     "height": (ys.max() - ys.min()) / h * 100, "rotation": 0, "rectanglelabels": ["21"]}}
+    r = httpx.post(f"{server.url}/predict", json=predict_body([task(1, local(names[1]))], context={"result": [box]}),
+                   timeout=300)
+    regions = r.json()["results"][0]["result"]
+    assert len(regions) == 1 and regions[0]["value"]["brushlabels"] == ["21"]
+    mask = result_to_masks(regions)["21"]
+    assert mask.any() and mask.shape == (h, w)
+    # a prompt without a tooth label gives an empty result, not an error
+    box["value"]["rectanglelabels"] = ["Caries"]
+    r = httpx.post(f"{server.url}/predict", json=predict_body([task(1, local(names[1]))], context={"result": [box]}))
+    assert r.status_code == 200 and r.json()["results"][0]["result"] == []
+
+
 def test_interactive_keypoint_prompts_sam(served, synth_dir):
     server, version, names = served
     from training.labelme import read_labelme

@@ -170,3 +170,24 @@ def test_handle_webhook_records_annotation_times(redis_url):
                               "annotations": [{"id": 3}, {"id": 4}]}, settings)
     members = {m.decode() for m in redis.Redis.from_url(redis_url).smembers("toothseg:project:8:changed")}
     assert members == {"3@2026-11-27T10:00:00+00:00", "3@deleted", "4@deleted"}
+
+
+def test_status_command_shows_queues_jobs_and_projects(redis_url, tmp_path):
+    import subprocess
+    import sys
+
+    q = queue_for(redis_url)
+    decision = event(q, "12", start_training=True)
+    job = Job.fetch(decision.job_id, connection=q.redis)
+    job.meta.update(stage="train", progress=0.25, detail="epoch 25/100")
+    job.save_meta()
+    env = {**__import__("os").environ, "REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "MODEL_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "training.cli", "status"], cwd=REPO, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"queue {QUEUE}: 1 queued" in out.stdout
+    assert f"{decision.job_id} queued [train 25%] epoch 25/100" in out.stdout, out.stdout
+    assert "project 12: current model - (0 stored)" in out.stdout and f"active job {decision.job_id}" in out.stdout
+    down = subprocess.run([sys.executable, "-m", "training.cli", "status"], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert down.returncode == 2 and down.stderr.count("\n") == 1 and "unavailable" in down.stderr

@@ -144,7 +144,7 @@ def test_simulate_command_writes_report_and_plot(tmp_path):
     out = tmp_path / "results" / "loop.md"
     assert main(["simulate", "--smoke", "--rounds", "1", "--pool", "2", "--test", "1", "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("# Label efficiency") and "Command: `toothseg " in text
+    assert text.startswith("# Label efficiency") and "Command: `toothseg simulate --smoke --rounds 1 --pool 2 --test 1 --out " in text
     assert "| 1 | most-confident | 6 |" in text
     assert out.with_suffix(".png").stat().st_size > 0
 

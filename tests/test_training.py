@@ -254,3 +254,28 @@ def test_killed_training_leaves_the_current_model_untouched(tmp_path, trained_we
     assert registry.current_version("7") == v1
     assert [v.version for v in registry.versions("7")] == [v1]
     assert Runtime(Settings.from_env({"MODEL_DIR": str(models)})).detector("7")[0] == v1
+
+
+def test_pseudo_labels_keep_only_confident_predictions(trained_weights, synth_dir):
+    from backend.images import ImageLoader
+    from training.jobs import Progress, pseudo_labels
+
+    names = sorted(p.name for p in (synth_dir / "images").iterdir())[:4]
+    tasks = [{"id": i, "data": {"image": f"/data/local-files/?d=images/{n}"}} for i, n in enumerate(names)]
+    tasks.append({"id": 99, "data": {"image": "/data/local-files/?d=images/missing.png"}})
+
+    def run(threshold):
+        settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(synth_dir), "SCORE_THRESHOLD": "0.05",
+                                      "PSEUDO_LABEL_THRESHOLD": str(threshold)})
+        return pseudo_labels(settings, trained_weights, tasks, "image", ImageLoader(settings), Progress("1"))
+
+    images, records = run(0.01)
+    assert [r["task_id"] for r in records] == [0, 1, 2, 3]  # the missing image is skipped
+    assert [im.key for im in images] == ["pseudo_0", "pseudo_1", "pseudo_2", "pseudo_3"]
+    assert all(len(im.masks) == r["teeth"] > 0 for im, r in zip(images, records))
+    scores = sorted(r["score"] for r in records)  # rounded to 4 places: cut between two of them
+    assert scores[1] < scores[2]
+    cut = (scores[1] + scores[2]) / 2
+    images, records = run(cut)
+    assert len(records) == 2 and all(r["score"] >= cut for r in records)
+    assert run(1.01) == ([], [])

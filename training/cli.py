@@ -229,7 +229,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from training.simulate import run_from_args
 
-    run_from_args(args, shlex.join(["toothseg", *sys.argv[1:]]))
+    run_from_args(args, shlex.join(["toothseg", *args.argv]))
     return 0
 
 
@@ -294,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given, for reports that print how they were made
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from rq import get_current_job
 
 from backend.formats import find_target
-from backend.images import ImageLoader
+from backend.images import ImageError, ImageLoader
 from backend.preprocess import pixel_statistics
 from backend.registry import Registry, project_key
 from backend.retrain_queue import RetrainQueue, annotation_key
@@ -60,7 +60,7 @@ def _label_config(settings: Settings, project: str) -> str:
                           f"{settings.label_studio_url}: {exc.__class__.__name__}: {exc}") from None
 
 
-def _pseudo_labels(settings: Settings, current_weights: Path, unlabeled: list[dict], value_key: str,
+def pseudo_labels(settings: Settings, current_weights: Path, unlabeled: list[dict], value_key: str,
                    loader: ImageLoader, report: Progress) -> tuple[list[LabeledImage], list[dict]]:
     """The paper's semi-supervised step: confident predictions of the current model on unannotated
     tasks become training images."""
@@ -75,8 +75,8 @@ def _pseudo_labels(settings: Settings, current_weights: Path, unlabeled: list[di
     for i, task in enumerate(unlabeled):
         try:
             image = loader.load(task_image_url(task, value_key))
-        except Exception as exc:
-            logger.warning("pseudo-labels: skipping task %s: %s", task.get("id"), exc)
+        except ImageError as exc:
+            logger.warning("pseudo-labels: skipping task %s: %s", task.get("id"), exc.reason)
             continue
         instances = pipeline.run(image)
         score = sum(x.score for x in instances) / len(instances) if instances else 0.0
@@ -113,8 +113,9 @@ def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConf
         annotated, loader, target.value_key,
         on_progress=lambda n: report("download", f"{n} of {len(annotated)} images", n / len(annotated)))
     by_key = {img.key: img for img in images}
-    train_tasks = [t for t in annotated if t.task_id in set(train_ids) and f"task_{t.task_id}" in by_key]
-    val_tasks = [t for t in annotated if t.task_id in set(val_ids) and f"task_{t.task_id}" in by_key]
+    train_set, val_set = set(train_ids), set(val_ids)
+    train_tasks = [t for t in annotated if t.task_id in train_set and f"task_{t.task_id}" in by_key]
+    val_tasks = [t for t in annotated if t.task_id in val_set and f"task_{t.task_id}" in by_key]
     train_images = [by_key[f"task_{t.task_id}"] for t in train_tasks]
     val_images = [by_key[f"task_{t.task_id}"] for t in val_tasks]
     if not train_images or not val_images:
@@ -124,7 +125,7 @@ def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConf
     current = registry.current(project)
     pseudo_records: list[dict] = []
     if settings.pseudo_label_threshold > 0 and current is not None and unlabeled:
-        pseudo_images, pseudo_records = _pseudo_labels(settings, current.weights, unlabeled, target.value_key,
+        pseudo_images, pseudo_records = pseudo_labels(settings, current.weights, unlabeled, target.value_key,
                                                        loader, report)
         train_images = train_images + pseudo_images
 

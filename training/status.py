@@ -16,7 +16,8 @@ def _job_line(job: Job) -> str:
     meta = job.meta or {}
     progress = f" {meta['progress'] * 100:.0f}%" if isinstance(meta.get("progress"), (int, float)) else ""
     detail = f" {meta.get('detail')}" if meta.get("detail") else ""
-    return f"{job.id} {job.get_status()} [{meta.get('stage', 'queued')}{progress}]{detail}"
+    status = job.get_status()
+    return f"{job.id} {getattr(status, 'value', status)} [{meta.get('stage', 'queued')}{progress}]{detail}"
 
 
 def collect(settings: Settings, queues: list[str]) -> dict[str, Any]:
