@@ -94,10 +94,11 @@ class Settings:
         "After each promotion, pre-annotate every task without annotations in the background.")
     preannotate_chunk: int = _setting("PREANNOTATE_CHUNK", "20", int,
         "Tasks per pre-annotation job; the next chunk is queued behind any waiting retrain.")
-    preannotate_nice: int = _setting("PREANNOTATE_NICE", "10", int,
-        "CPU niceness of pre-annotation jobs, so interactive /predict requests keep the CPU.")
+    worker_nice: int = _setting("WORKER_NICE", "10", int,
+        "CPU niceness of the worker's jobs (retraining, pre-annotation) and of its session (autogroup), "
+        "so interactive /predict requests keep the CPU.")
     preannotate_threads: int = _setting("PREANNOTATE_THREADS", "0", int,
-        "torch threads of pre-annotation jobs; 0 = half the cores (at least 1), leaving the rest to the backend.")
+        "torch threads of pre-annotation jobs; 0 = as TORCH_THREADS.")
     train_job_timeout: int = _setting("TRAIN_JOB_TIMEOUT", "86400", int, "Seconds a retraining job may run.")
     work_dir: Path | None = _setting("WORK_DIR", "", _path,
         "Scratch space of retraining jobs (exported datasets, training runs). Empty: MODEL_DIR/.work.")

@@ -43,6 +43,54 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+class BenchBackend:
+    """The backend under gunicorn (as in docker-compose.yml) with a registered detector and SAM (real
+    architecture, random weights), serving `images` synthetic panoramics p0.png ... from a temp dir."""
+
+    def __init__(self, images: int, size: tuple[int, int], sam: str, weights: Path):
+        self.root = Path(tempfile.mkdtemp(prefix="toothseg-bench-"))
+        (self.root / "files" / "images").mkdir(parents=True)
+        for i in range(images):
+            cv2.imwrite(str(self.root / "files" / "images" / f"p{i}.png"), generate(900 + i, size).image)
+        torch.manual_seed(0)
+        torch.save(SAM_BUILDERS[sam](checkpoint=None).state_dict(), self.root / "sam.pth")
+        registry = Registry(self.root / "models")
+        version = store_version(registry, "1", weights, {}, {"tasks": []}).version
+        promote(registry, "1", version, "bench")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(Path(sys.executable).parent / "gunicorn"), *backend_command(f"127.0.0.1:{self.port}")[1:]]
+        env = {**os.environ, "MODEL_DIR": str(self.root / "models"), "SAM_CHECKPOINT": str(self.root / "sam.pth"),
+               "SAM_MODEL_TYPE": sam, "LOCAL_FILES_DOCUMENT_ROOT": str(self.root / "files"), "YOLO_VERBOSE": "False"}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(self.root / "backend.log", "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.config = render_label_config()
+        for _ in range(600):
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"backend did not start: see {self.root / 'backend.log'}")
+
+    def predict(self, ids: list[int]) -> tuple[httpx.Response, float]:
+        """One /predict for the tasks with these image numbers, as Label Studio sends it."""
+        body = {"tasks": [{"id": i, "data": {"image": f"/data/local-files/?d=images/p{i}.png"}} for i in ids],
+                "project": "1.1", "label_config": self.config, "params": {"context": None}}
+        t = time.perf_counter()
+        r = httpx.post(f"{self.url}/predict", json=body, timeout=3600)
+        return r, time.perf_counter() - t
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory (VmHWM) of the largest backend process (gunicorn's worker)."""
+        return max(int(next(line.split()[1] for line in open(f"/proc/{w}/status") if line.startswith("VmHWM:")))
+                   for w in _descendants(self.proc.pid)) / 1024
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20)
@@ -53,47 +101,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "load.md"))
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    weights = detector_weights(args)
-    root = Path(tempfile.mkdtemp(prefix="toothseg-bench-load-"))
-    (root / "files" / "images").mkdir(parents=True)
-    for i in range(args.requests):
-        cv2.imwrite(str(root / "files" / "images" / f"p{i}.png"), generate(900 + i, (width, height)).image)
-    torch.manual_seed(0)
-    torch.save(SAM_BUILDERS[args.sam](checkpoint=None).state_dict(), root / "sam.pth")
-    registry = Registry(root / "models")
-    version = store_version(registry, "1", weights, {}, {"tasks": []}).version
-    promote(registry, "1", version, "bench")
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "gunicorn"), *backend_command(f"127.0.0.1:{port}")[1:]]
-    env = {**os.environ, "MODEL_DIR": str(root / "models"), "SAM_CHECKPOINT": str(root / "sam.pth"),
-           "SAM_MODEL_TYPE": args.sam, "LOCAL_FILES_DOCUMENT_ROOT": str(root / "files"), "YOLO_VERBOSE": "False"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(root / "backend.log", "wb"), stderr=subprocess.STDOUT)
+    server = BenchBackend(args.requests, (width, height), args.sam, detector_weights(args))
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        config = render_label_config()
-
         def one(i: int) -> tuple[int, float]:
-            body = {"tasks": [{"id": i, "data": {"image": f"/data/local-files/?d=images/p{i}.png"}}],
-                    "project": "1.1", "label_config": config, "params": {"context": None}}
-            t = time.perf_counter()
-            r = httpx.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=3600)
-            return r.status_code, time.perf_counter() - t
+            r, seconds = server.predict([i])
+            return r.status_code, seconds
 
         start = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
             answers = list(pool.map(one, range(args.requests)))
         wall = time.perf_counter() - start
-        workers = _descendants(proc.pid)
-        peak = max(int(next(line.split()[1] for line in open(f"/proc/{w}/status") if line.startswith("VmHWM:")))
-                   for w in workers) / 1024
+        peak = server.peak_rss_mb()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
     latencies = [t for _, t in answers]
     ok = sum(code == 200 for code, _ in answers)
     lines = [

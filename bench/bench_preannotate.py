@@ -137,7 +137,7 @@ def main() -> None:
         f"--sam {args.sam}`",
         f"Machine: {machine()}",
         f"{args.tasks} synthetic panoramics {width}x{height}, SAM {args.sam} (random weights), one rq worker "
-        f"(PREANNOTATE_NICE default), backend under gunicorn, Label Studio 1.23.2, all on this machine.",
+        f"(WORKER_NICE default), backend under gunicorn, Label Studio 1.23.2, all on this machine.",
         "",
         "| pass | seconds | tasks per minute |",
         "|---|---|---|",

@@ -191,3 +191,16 @@ def test_status_command_shows_queues_jobs_and_projects(redis_url, tmp_path):
     down = subprocess.run([sys.executable, "-m", "training.cli", "status"], cwd=REPO, capture_output=True, text=True,
                           env={**env, "REDIS_URL": "redis://127.0.0.1:1/0"})
     assert down.returncode == 2 and down.stderr.count("\n") == 1 and "unavailable" in down.stderr
+
+
+def test_lower_priority_nices_the_process_and_its_session_autogroup():
+    import subprocess
+    import sys
+
+    code = ("import os; from backend.runtime import lower_priority; lower_priority(7); "
+            "print(os.nice(0)); p = '/proc/self/autogroup'; "
+            "print(open(p).read().split('nice')[-1].strip() if os.path.exists(p) else 'none')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, start_new_session=True)
+    assert out.returncode == 0, out.stderr
+    nice, autogroup = out.stdout.split()
+    assert nice == "7" and autogroup in ("7", "none")  # "none": a kernel without autogroup scheduling

@@ -23,6 +23,7 @@ from backend.images import ImageError, ImageLoader
 from backend.preprocess import pixel_statistics
 from backend.registry import Registry, project_key
 from backend.retrain_queue import RetrainQueue, annotation_key
+from backend.runtime import lower_priority
 from backend.settings import Settings
 from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
 from training.evaluate import gate, score_weights
@@ -186,6 +187,8 @@ def retrain(project: str, reason: str = "") -> dict[str, Any]:
     project = project_key(project)
     job = get_current_job()
     settings = Settings.from_env()
+    if job is not None:
+        lower_priority(settings.worker_nice)
     logger.info("project %s: retrain job %s started (%s)", project, job.id if job else "-", reason)
     if job is None:  # called directly (toothseg train): no queue to coalesce with
         return run_retrain(project, settings, f"local-{int(time.time())}")

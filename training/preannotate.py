@@ -9,9 +9,8 @@ the model predicts the unlabeled pool, SAM refines, the oracle verifies).
   toothseg versions are deleted, so Label Studio shows one current pre-annotation per task.
 - Fairness: the pass runs on its own queue (PREANNOTATE_QUEUE, listed after the training queue
   by `rq worker`, so a queued retrain goes first), in chunks of PREANNOTATE_CHUNK tasks (each
-  chunk a job that enqueues the next), at nice level PREANNOTATE_NICE and with
-  PREANNOTATE_THREADS torch threads (half the cores by default), so the backend's interactive
-  requests keep the CPU.
+  chunk a job that enqueues the next), at nice level WORKER_NICE, so the backend's interactive
+  requests keep the CPU when both run (see backend.runtime.lower_priority).
 - A newer promotion supersedes a running pass: it stops at its next task and the new version's
   pass takes over. SAM embeddings come from the shared disk cache (EMBEDDING_CACHE_DIR), so after
   a retrain a pass costs the detector and prompt decoding only.
@@ -19,7 +18,6 @@ the model predicts the unlabeled pool, SAM refines, the oracle verifies).
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from dataclasses import replace
@@ -33,7 +31,7 @@ from backend.formats import find_target, instances_to_results
 from backend.images import ImageError, ImageLoader, task_image_url
 from backend.model import task_score
 from backend.registry import Registry, project_key
-from backend.runtime import Runtime
+from backend.runtime import Runtime, lower_priority
 from backend.settings import Settings
 
 logger = logging.getLogger("toothseg.preannotate")
@@ -145,11 +143,10 @@ def preannotate(project: str, version: str) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
-    threads = settings.preannotate_threads or max(1, (os.cpu_count() or 1) // 2)
-    settings = replace(settings, torch_threads=threads)  # the Runtime below applies it
+    if settings.preannotate_threads:
+        settings = replace(settings, torch_threads=settings.preannotate_threads)  # the Runtime applies it
     job = get_current_job()
-    if settings.preannotate_nice:
-        os.nice(settings.preannotate_nice)
+    lower_priority(settings.worker_nice)
 
     def report(done: int, chunk: int, total: int) -> None:
         logger.info("project %s [pre-annotate %s] %d of %d in this chunk (%d left in the pass)",

@@ -199,7 +199,7 @@ def preset(name: str, device: str = "cpu") -> LoopConfig:
     80 epochs from scratch with lr0 0.02 and no mosaic, 10 warm epochs, 3 rounds of 4 from a pool
     of 20, 10 test images, vit_tiny SAM); "smoke": a 1-epoch run of tiny images (under a minute);
     "full": the paper's protocol for a GPU (SGD, lr0 1e-3, batch 10, 100 epochs per round,
-    2048x1024 images at imgsz 1024, vit_b SAM, 5 rounds of 20 from a pool of 200, 50 test images)."""
+    2048x1024 images at imgsz 1024, vit_b SAM, 4 rounds of 20 from a pool of 200, 50 test images)."""
     from training.train import TrainConfig
 
     if name == "default":
