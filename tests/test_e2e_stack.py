@@ -22,8 +22,12 @@ LONG = {"timeout_in_seconds": 900}  # retrieve_tasks_predictions answers when ev
 
 @pytest.fixture
 def stack(make_stack):
-    # pre-annotation after promotion off: here Label Studio itself asks for every prediction
-    return make_stack(seeds=20, pool=30, token=TOKEN, PREANNOTATE_AFTER_PROMOTION="false")
+    # pre-annotation after promotion off: here Label Studio itself asks for every prediction.
+    # The tiny SAM costs about 2 s per image here; 1 s more per task makes 50 tasks cost about 150 s,
+    # well over Label Studio's 100 s for one request (SAM ViT-B: 9.6 s per image, bench/results/
+    # throughput.md, goes through the same one-task-per-request fallback)
+    return make_stack(seeds=20, pool=30, token=TOKEN, PREANNOTATE_AFTER_PROMOTION="false",
+                      TOOTHSEG_TEST_PREDICT_DELAY=1.0)
 
 
 def test_the_loop_end_to_end(stack, request):

@@ -127,7 +127,8 @@ class Stack:
         from backend.settings import settings_table
 
         known = {name for name, _, _ in settings_table()}
-        extra = {k: v for k, v in self.env.items() if k in known or k.startswith(("TRAIN_", "YOLO_", "BASIC_AUTH_"))}
+        prefixes = ("TRAIN_", "YOLO_", "BASIC_AUTH_", "TOOTHSEG_")
+        extra = {k: v for k, v in self.env.items() if k in known or k.startswith(prefixes)}
         return {**os.environ, **extra, **env}
 
     def label_studio_env(self) -> dict[str, str]:
