@@ -165,19 +165,19 @@ def reset_runtime(runtime: Runtime | None = None) -> None:
 
 
 def lower_priority(nice: int) -> None:
-    """Nice this process and its session's autogroup. With Linux autogroup scheduling (the default
-    on desktop and server kernels), niceness only ranks processes within one session, and the
-    worker and the backend run in different sessions: the autogroup's own niceness is what makes
-    the backend win the CPU. It stays on the worker's session (training jobs included) until the
-    worker restarts: background work yields to interactive requests, and runs at full speed when
-    nothing else wants the CPU. In Docker each container is its own cgroup: compose gives the
-    worker a lower cpu_shares for the same effect."""
+    """Nice this process and its session's autogroup. With Linux autogroup scheduling (enabled by
+    many distributions' kernels: /proc/sys/kernel/sched_autogroup_enabled), niceness only ranks
+    processes within one session, and the worker and the backend run in different sessions: the
+    autogroup's own niceness is what makes the backend win the CPU. It stays on the worker's
+    session (training jobs included) until the worker restarts: background work yields to
+    interactive requests, and runs at full speed when nothing else wants the CPU. In Docker each
+    container is its own cgroup: compose gives the worker a lower cpu_shares for the same effect."""
     if nice <= 0:
         return
     os.nice(nice)
     try:
-        path = "/proc/self/autogroup"
-        current = int(open(path).read().split("nice")[-1])
+        path = Path("/proc/self/autogroup")
+        current = int(path.read_text().split("nice")[-1])  # "/autogroup-47 nice 0"
         if current < nice:
             with open(path, "w") as f:
                 f.write(str(nice))
