@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from backend.label_config import render_label_config  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.sam import SAM_BUILDERS  # noqa: E402
-from bench.bench_predict import detector_weights, machine  # noqa: E402
+from bench.bench_predict import detector_weights, machine, write_report  # noqa: E402
 from bench.bench_preannotate import free_port  # noqa: E402
 from training.promotion import promote, store_version  # noqa: E402
 from training.stack import _descendants, backend_command  # noqa: E402
@@ -134,10 +134,7 @@ def main() -> None:
         "Requests queue on the one SAM predictor (one image at a time per process): latency grows with the "
         "queue, memory does not.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from backend.label_config import render_label_config  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.sam import SAM_BUILDERS  # noqa: E402
-from bench.bench_predict import detector_weights, machine  # noqa: E402
+from bench.bench_predict import detector_weights, machine, write_report  # noqa: E402
 from training.promotion import promote, store_version  # noqa: E402
 from training.stack import Stack  # noqa: E402
 from training.synth import generate  # noqa: E402
@@ -151,10 +151,7 @@ def main() -> None:
         f"| worker idle | {idle_med:.1f} | {len(idle)} |",
         f"| delay added by the pass | {busy_med - idle_med:+.1f} ({busy_med / idle_med:.2f}x) | |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

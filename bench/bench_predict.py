@@ -48,6 +48,14 @@ def machine() -> str:
     return f"{platform.node()}: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def write_report(lines: list[str], out: str | Path) -> None:
+    """Print a bench's markdown report and write it to `out` (bench/results/*.md)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+
+
 def detector_weights(args) -> Path:
     if args.weights:
         return Path(args.weights)
@@ -176,11 +184,7 @@ def main() -> None:
         "| prompts per call | decoder (ms) |",
         "|---|---|",
     ] + [f"| {bs} | {t * 1000:.0f} |" for bs, t in batch_rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(lines, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

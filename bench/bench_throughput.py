@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from backend.sam import SAM_BUILDERS  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from bench.bench_load import BenchBackend  # noqa: E402
-from bench.bench_predict import detector_weights, machine  # noqa: E402
+from bench.bench_predict import detector_weights, machine, write_report  # noqa: E402
 from training.stack import _descendants  # noqa: E402
 
 TRAINER = """
@@ -108,10 +108,7 @@ def main() -> None:
     lines += [f"| {name} | {r['batch_s']:.2f} | {r['batch_results']} | {r['per_min']:.1f} | {r['median']:.1f} | "
               f"{r['wall']:.0f} | {r['teeth']:.0f} | {r['rss']:.0f} |" for name, r in rows]
     lines += ["", f"Throughput with training running / idle: {training['per_min'] / idle['per_min']:.2f}x."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":
