@@ -4,10 +4,10 @@ FROM python:3.11-slim
 
 ARG SAM_CHECKPOINT_URL=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
 ARG SAM_MODEL_TYPE=vit_b
-# Optional starting weights for the detector (a YOLOv8-seg .pt). Official COCO weights, e.g.
-# https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8n-seg.pt, are a
-# transfer-learning start for the first training; weights with FDI class names also pre-annotate.
-ARG YOLO_WEIGHTS_URL=
+# Starting weights of the detector: ultralytics' official COCO YOLOv8n-seg, the transfer-learning
+# start of a project's first training (weights with FDI class names would also pre-annotate
+# before it). An empty URL builds an image that trains from scratch.
+ARG YOLO_WEIGHTS_URL=https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8n-seg.pt
 # CPU wheels keep the image small; use https://download.pytorch.org/whl/cu124 for a GPU image.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
@@ -36,6 +36,7 @@ RUN mkdir -p /weights \
     && if [ -n "${YOLO_WEIGHTS_URL}" ]; then curl -fsSL --retry 3 -o /weights/yolo.pt "${YOLO_WEIGHTS_URL}"; fi
 
 ENV SAM_CHECKPOINT=/weights/sam.pth \
+    YOLO_WEIGHTS=/weights/yolo.pt \
     SAM_MODEL_TYPE=${SAM_MODEL_TYPE} \
     MODEL_DIR=/models \
     LABEL_CONFIG_PATH=/app/label_studio_config.xml \

@@ -10,8 +10,10 @@ label-studio-ml 1.0.9 is used as it ships, with these fixes made here rather tha
   message, never a 500 with a traceback.
 - `/webhook` enqueues coalesced retrain jobs (`backend.webhooks`), START_TRAINING included;
   the package ignores START_TRAINING and names jobs by the second.
-- `/health` says UP without the model directory; optional basic auth and webhook secret
-  (`backend.security`); credentials are redacted from every log line.
+- `/health` says UP without the model directory.
+- In front of it all, `backend.front_door.FrontDoor`: only toothseg's four routes exist,
+  basic auth and the webhook secret are checked, and bodies are capped before anything reads
+  them. Credentials are redacted from every log line and traceback (`backend.security`).
 """
 from __future__ import annotations
 
@@ -23,13 +25,15 @@ from flask import Flask, jsonify, request
 from label_studio_ml import api
 from label_studio_ml.api import init_app
 from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
-from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, HTTPException
 
 from backend.formats import LabelConfigError, find_target
+from backend.images import ImageLoader
 from backend.model import ToothSegBackend
 from backend.registry import project_key
 from backend.runtime import get_runtime
-from backend.security import install_access_control, install_redaction
+from backend.front_door import FrontDoor
+from backend.security import install_redaction
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +46,13 @@ class ToothSegManager(LabelStudioMLManager):
     @classmethod
     def fetch(cls, project=None, label_config=None, force_reload=False, **kwargs):
         key = project_key(project)
-        hostname, token = kwargs.get("hostname"), kwargs.get("access_token")
+        hostname, token = kwargs.get("hostname") or "", kwargs.get("access_token") or ""
+        if hostname and not ImageLoader.trusted_hostname(get_runtime().settings, hostname):
+            logger.warning("project %s: /setup named %r as Label Studio; ignored (not LABEL_STUDIO_URL and not in "
+                           "IMAGE_HOST_ALLOWLIST)", key, hostname.split("?")[0][:200])
+            hostname = token = ""
         if hostname or token:
-            cls.connections[key] = {"hostname": hostname or "", "access_token": token or ""}
+            cls.connections[key] = {"hostname": hostname, "access_token": token}
         conn = cls.connections.get(key, {})
         model = cls.model_class(label_config=label_config, project=key, **conn)
         return ModelWrapper(model=model, model_version=model.model_version)
@@ -56,10 +64,7 @@ class ToothSegManager(LabelStudioMLManager):
 
 
 def _json_body() -> dict[str, Any]:
-    limit = get_runtime().settings.max_request_bytes
-    if (request.content_length or 0) > limit:
-        raise RequestEntityTooLarge(f"request body of {request.content_length} bytes exceeds MAX_REQUEST_BYTES "
-                                    f"({limit})")
+    """The request's JSON object (its size was checked by the front door)."""
     data = request.get_json(force=True, silent=True)
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
@@ -147,7 +152,6 @@ def create_app() -> Flask:
     app.view_functions["health"] = health_view
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _server_error)
-    app.config["MAX_CONTENT_LENGTH"] = runtime.settings.max_request_bytes
-    install_access_control(app, runtime.settings)
+    app.wsgi_app = FrontDoor(app.wsgi_app, runtime.settings)
     install_redaction()
     return app

@@ -24,6 +24,10 @@ CLASS_INDEX: dict[str, int] = {label: i for i, label in enumerate(FDI_LABELS)}
 
 NUM_CLASSES = len(FDI_LABELS)
 
+TOOTH_CLASS = "tooth"
+"""Name of the detector's class-agnostic column (a 53rd class every tooth has, after the 52 FDI
+classes): the detector keeps candidates by it, the numbering picks their FDI labels."""
+
 
 class ToothType(str, Enum):
     INCISOR = "incisor"

@@ -6,16 +6,21 @@ pixels are scaled by the smallest bit depth (8, 10, 12, 14, 16) that holds their
 so 12-bit radiographs stored in 16-bit PNGs keep their contrast.
 
 What is refused, each with an `ImageError` carrying an HTTP-like status and a reason:
-hosts other than Label Studio's and IMAGE_HOST_ALLOWLIST (also after a redirect), local paths
-outside LOCAL_FILES_DOCUMENT_ROOT (`..` and symlink escapes included), downloads over
-MAX_DOWNLOAD_BYTES or DOWNLOAD_TIMEOUT, images over MAX_IMAGE_PIXELS (checked from the header,
-before decoding), and bytes that are not a complete image.
+origins (scheme, host and port) other than Label Studio's and IMAGE_HOST_ALLOWLIST's (also after
+a redirect), local paths outside LOCAL_FILES_DOCUMENT_ROOT (`..` and symlink escapes included),
+downloads over MAX_DOWNLOAD_BYTES or past DOWNLOAD_TIMEOUT (the whole download, not each read),
+images over MAX_IMAGE_PIXELS (checked from the header, before decoding; Pillow's own guard stays
+on for every other reader in the process), and bytes that are not a complete image.
+
+Label Studio is LABEL_STUDIO_URL. The hostname a caller of /setup names is used only when it
+is that same origin or an allowlisted one, and the token is sent to Label Studio's origin only.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,7 @@ from backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 _MAX_REDIRECTS = 3
-Image.MAX_IMAGE_PIXELS = None  # our own limit (MAX_IMAGE_PIXELS) is checked before decoding
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ImageError(Exception):
@@ -103,6 +108,8 @@ def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndar
             im = ImageOps.exif_transpose(im)
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, above ours unless MAX_IMAGE_PIXELS is huge
+        raise ImageError(f"{source}: {exc}", 413) from None
     except (UnidentifiedImageError, ImportError):
         # ImportError: ultralytics patches Image.open to retry unknown files with the optional
         # pi-heif plugin, which is not installed (and never installed at run time here)
@@ -136,6 +143,33 @@ def _host(url: str) -> str:
     return f"{host}:{port}" if port else host
 
 
+Origin = tuple[str, str, int]
+
+
+def origin(url: str) -> Origin | None:
+    """(scheme, host, port) of an http(s) URL, the port defaulted; None for anything else."""
+    try:
+        parsed = urlparse(url)
+        port = parsed.port
+    except ValueError:
+        return None
+    if parsed.scheme not in _DEFAULT_PORTS or not parsed.hostname:
+        return None
+    return parsed.scheme, parsed.hostname.lower(), port or _DEFAULT_PORTS[parsed.scheme]
+
+
+def allowlist_origins(entries: tuple[str, ...]) -> set[Origin]:
+    """IMAGE_HOST_ALLOWLIST entries ("https://host", "http://host:8081", or a bare "host[:port]",
+    read as https) -> origins."""
+    found = set()
+    for entry in entries:
+        o = origin(entry if "://" in entry else f"https://{entry}")
+        if o is None:
+            raise ValueError(f"IMAGE_HOST_ALLOWLIST entry {entry!r} is not an http(s) origin")
+        found.add(o)
+    return found
+
+
 class ImageLoader:
     """Loads task images for one Label Studio connection.
 
@@ -144,20 +178,29 @@ class ImageLoader:
 
     def __init__(self, settings: Settings, hostname: str = "", access_token: str = ""):
         self.settings = settings
-        self.base_url = (settings.label_studio_url or hostname or "").rstrip("/")
+        self.allowlist = allowlist_origins(settings.image_host_allowlist)
+        self.base_url = (settings.label_studio_url or self.trusted_hostname(settings, hostname)).rstrip("/")
         self.api_key = settings.label_studio_api_key or access_token or ""
         self._tokens = None  # label_studio_sdk TokensClientExt, created on first use
 
-    # hosts
+    @staticmethod
+    def trusted_hostname(settings: Settings, hostname: str) -> str:
+        """The hostname /setup sent, if it may stand for Label Studio: the origin of
+        LABEL_STUDIO_URL or an allowlisted one; else ""."""
+        o = origin(hostname or "")
+        if o is None:
+            return ""
+        if o == origin(settings.label_studio_url) or o in allowlist_origins(settings.image_host_allowlist):
+            return hostname
+        return ""
+
+    # origins
     def _allowed(self, url: str) -> bool:
-        host = _host(url)
-        bare = host.split(":")[0]
-        ls = _host(self.base_url) if self.base_url else None
-        return host == ls or host in self.settings.image_host_allowlist or bare in self.settings.image_host_allowlist
+        o = origin(url)
+        return o is not None and (o == origin(self.base_url) or o in self.allowlist)
 
     def _is_label_studio(self, url: str) -> bool:
-        return bool(self.base_url) and _host(url) == _host(self.base_url) and \
-            urlparse(url).scheme == urlparse(self.base_url).scheme
+        return bool(self.base_url) and origin(url) == origin(self.base_url)
 
     def auth_headers(self) -> dict[str, str]:
         """Authorization header for Label Studio: the legacy token, or for a personal access token
@@ -191,7 +234,7 @@ class ImageLoader:
             if not rel:
                 raise ImageError(f"local-files URL without ?d=: {url!r}")
             if root is not None:
-                return "", self._local(root / rel)
+                return "", self._local(Path(rel))  # relative to the root (an absolute one is refused below)
         if url.startswith("/data/") or url.startswith("/api/"):
             if not self.base_url:
                 raise ImageError(f"{url!r} is relative to Label Studio, but no LABEL_STUDIO_URL is set "
@@ -230,12 +273,16 @@ class ImageLoader:
             raise ImageError(f"not a file: {path.name}", 400) from None
 
     def _download(self, url: str) -> bytes:
-        limit = self.settings.max_download_bytes
-        timeout = httpx.Timeout(self.settings.download_timeout)
-        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        """GET `url` (redirects followed by hand, each target checked) within MAX_DOWNLOAD_BYTES and
+        one DOWNLOAD_TIMEOUT for the whole download: a server that trickles bytes is cut off at the
+        first read after the time is up, one that stalls when a read waited DOWNLOAD_TIMEOUT."""
+        limit, seconds = self.settings.max_download_bytes, self.settings.download_timeout
+        deadline = time.monotonic() + seconds
+        timed_out = ImageError(f"download of {_display(url)} took longer than DOWNLOAD_TIMEOUT ({seconds:g} s)", 504)
+        with httpx.Client(timeout=httpx.Timeout(seconds), follow_redirects=False) as client:
             for _ in range(_MAX_REDIRECTS + 1):
                 if not self._allowed(url):
-                    raise ImageError(f"image host {_host(url)!r} is not Label Studio's and not in "
+                    raise ImageError(f"image origin {_host(url)!r} is not Label Studio's and not in "
                                      f"IMAGE_HOST_ALLOWLIST", 403)
                 headers = self.auth_headers() if self._is_label_studio(url) else {}
                 try:
@@ -251,14 +298,17 @@ class ImageLoader:
                             raise ImageError(f"{_display(url)}: {declared} bytes exceeds MAX_DOWNLOAD_BYTES", 413)
                         chunks, total = [], 0
                         for chunk in resp.iter_bytes():
+                            if time.monotonic() > deadline:
+                                raise timed_out
                             total += len(chunk)
                             if total > limit:
                                 raise ImageError(f"{_display(url)}: more than {limit} bytes (MAX_DOWNLOAD_BYTES)", 413)
                             chunks.append(chunk)
+                        if time.monotonic() > deadline:
+                            raise timed_out
                         return b"".join(chunks)
                 except httpx.TimeoutException:
-                    raise ImageError(f"download of {_display(url)} timed out after "
-                                     f"{self.settings.download_timeout:g} s", 504) from None
+                    raise timed_out from None
                 except httpx.HTTPError as exc:
                     raise ImageError(f"download of {_display(url)} failed: {exc.__class__.__name__}", 502) from None
         raise ImageError(f"too many redirects for {_display(url)}", 502)

@@ -11,6 +11,7 @@ from backend.images import XrayImage
 from backend.instance import Instance, mask_box
 from backend.numbering import argmax_labels, number_teeth
 from backend.sam import SamRefiner
+from backend.settings import Settings
 from backend.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -20,12 +21,19 @@ logger = logging.getLogger(__name__)
 class PipelineOptions:
     """min_score: weakest numbering probability kept; prior_weight: weight of the arch-order prior;
     hungarian: False numbers each candidate by its top class (ablation); use_sam: refine with SAM
-    when a refiner is loaded."""
+    when a refiner is loaded; refine_masks: snap YOLO's masks to the image's edges
+    (`backend.detector.guided_filter`)."""
 
     min_score: float = 0.25
-    prior_weight: float = 1.0
+    prior_weight: float = 3.0
     hungarian: bool = True
     use_sam: bool = True
+    refine_masks: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides) -> "PipelineOptions":
+        """The options the backend serves with (SCORE_THRESHOLD, MASK_REFINE), then `overrides`."""
+        return cls(**{"min_score": settings.score_threshold, "refine_masks": settings.mask_refine, **overrides})
 
 
 class Pipeline:
@@ -46,13 +54,14 @@ class Pipeline:
         with timer.stage("detector"):
             candidates = self.detector.forward(x, image.pixels.shape[:2])
         with timer.stage("numbering"):
+            tooth = candidates.tooth if self.detector.tooth_column is not None else None
             if opts.hungarian:
-                numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, opts.min_score)
+                numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, opts.min_score, tooth)
             else:
-                numbered = argmax_labels(candidates.probs, opts.min_score)
+                numbered = argmax_labels(candidates.probs, opts.min_score, tooth)
         with timer.stage("masks"):
             indices = [a.index for a in numbered]
-            masks = candidates.masks(indices)
+            masks = candidates.masks(indices, image.pixels if opts.refine_masks else None)
         boxes = candidates.boxes[indices] if indices else np.zeros((0, 4))
         if self.refiner is not None and opts.use_sam and indices:
             with self.refiner.lock:

@@ -33,15 +33,21 @@ HISTORY = "history.jsonl"
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+_PROJECT = re.compile(r"^([0-9]{1,18})(?:\.[0-9]{1,18})?$")
+
+
 def project_key(project: Any) -> str:
-    """Label Studio's project reference -> registry key: 12, "12" and "12.1700000000" -> "12"."""
+    """Label Studio's project reference -> registry key: 12, "12" and "12.1700000000" (id and
+    creation timestamp, as label-studio-ml sends it) -> "12"; a dict's "id" likewise. Anything
+    else (signs, spaces, paths, other separators) is a ValueError."""
     if isinstance(project, dict):
         project = project.get("id")
-    text = str(project if project is not None else "").strip()
-    key = text.split(".", 1)[0]
-    if not key.isdigit():
+    if isinstance(project, bool):
         raise ValueError(f"not a Label Studio project id: {project!r}")
-    return key
+    match = _PROJECT.match(str(project)) if isinstance(project, (int, str)) else None
+    if match is None:
+        raise ValueError(f"not a Label Studio project id: {project!r} (digits, optionally .<timestamp>)")
+    return match.group(1)
 
 
 @dataclass(frozen=True)

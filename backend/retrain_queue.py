@@ -33,6 +33,13 @@ from rq.registry import StartedJobRegistry
 logger = logging.getLogger(__name__)
 
 JOB_FUNCTION = "training.jobs.retrain"
+LOCAL_JOB_PREFIX = "local-"
+"""Active ids of runs outside rq (`toothseg train --now`): live while the key exists (they expire
+after TRAIN_JOB_TIMEOUT if their process dies)."""
+# Compare-and-delete and compare-and-set of the `active` key, atomic in Redis: a stale job id is
+# released only if it is still the one read, so an event that enqueued a new job in between keeps it.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_HAND_OVER = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2]) return 1 end return 0"
 RETRY = Retry(max=3, interval=[10, 30, 90])  # export failures (Label Studio down) back off, then fail
 T = TypeVar("T")
 _LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
@@ -77,6 +84,8 @@ class RetrainQueue:
         self.min_new = max(1, int(min_new_annotations))
         self.job_timeout = job_timeout
         self.job_function = job_function
+        self._release_script = redis.register_script(_RELEASE)
+        self._hand_over_script = redis.register_script(_HAND_OVER)
 
     @classmethod
     def from_settings(cls, redis: Redis, settings) -> "RetrainQueue":
@@ -138,15 +147,28 @@ class RetrainQueue:
         """Called when a job ends. After a success, enqueue the one follow-up if events since its
         snapshot warrant it (same job function), else release the project. After a final failure
         just release it: the next event starts afresh (no retry storm while Label Studio is down)."""
-        if (self.redis.get(_key(project, "active")) or b"").decode() != job.id:
-            return None
         requested, changed = self.pending(project)
         if not failed and (requested or changed >= self.min_new):
             follow = f"retrain-{project}-{uuid.uuid4().hex[:12]}"
-            self.redis.set(_key(project, "active"), follow)
+            if not self._hand_over_script(keys=[_key(project, "active")], args=[job.id, follow]):
+                return None  # the project is no longer this job's
             self._enqueue(project, follow, "follow-up: events during the previous run", job.func_name)
             return Decision("enqueued", follow, "follow-up")
-        self.redis.delete(_key(project, "active"))
+        self.release(project, job.id)
+        return None
+
+    def release(self, project: str, job_id: str) -> bool:
+        """Release the project if `job_id` is still its active job (atomically); True if it was."""
+        return bool(self._release_script(keys=[_key(project, "active")], args=[job_id]))
+
+    def claim(self, project: str, job_id: str) -> str | None:
+        """Make `job_id` the project's active job unless one is live: None on success, else the
+        live job's id (the lock `toothseg train --now` takes, as a queued job does)."""
+        active = self.active_job(project)
+        if active is not None:
+            return active
+        if not self.redis.set(_key(project, "active"), job_id, nx=True, ex=self.job_timeout):
+            return (self.redis.get(_key(project, "active")) or b"?").decode()
         return None
 
     def run(self, project: str, job: Job, work: Callable[[Callable[[Iterable[str]], None]], T]) -> T:
@@ -171,6 +193,8 @@ class RetrainQueue:
         if raw is None:
             return None
         job_id = raw.decode()
+        if job_id.startswith(LOCAL_JOB_PREFIX):
+            return job_id
         StartedJobRegistry(self.queue.name, connection=self.redis).cleanup()  # abandoned jobs -> failed
         try:
             status = Job.fetch(job_id, connection=self.redis).get_status()
@@ -178,9 +202,10 @@ class RetrainQueue:
             status = None
         if status in _LIVE:
             return job_id
-        logger.warning("project %s: releasing stale retrain job %s (status %s)", project, job_id, status)
-        self.redis.delete(_key(project, "active"))
-        return None
+        if self.release(project, job_id):
+            logger.warning("project %s: released stale retrain job %s (status %s)", project, job_id, status)
+            return None
+        return self.active_job(project)  # another event replaced it in the meantime
 
 
 def on_job_failure(job: Job, connection: Redis, exc_type, exc_value, traceback) -> None:

@@ -140,7 +140,7 @@ class Runtime:
         version, detector = self.detector(project)
         if detector is None:
             return Served(version, None)
-        opts = options or PipelineOptions(min_score=self.settings.score_threshold)
+        opts = options or PipelineOptions.from_settings(self.settings)
         return Served(version, Pipeline(detector, self.refiner(), opts))
 
 

@@ -29,8 +29,8 @@ def _setting(env: str, default: str, parse=str, doc: str = ""):
 @dataclass(frozen=True)
 class Settings:
     label_studio_url: str = _setting("LABEL_STUDIO_URL", "", str,
-        "Base URL of Label Studio, used to download task images and to export annotations "
-        "(falls back to the hostname Label Studio sends with /setup).")
+        "Base URL of Label Studio, used to download task images and to export annotations. The hostname a "
+        "/setup names counts only if it is this origin or in IMAGE_HOST_ALLOWLIST.")
     label_studio_api_key: str = _setting("LABEL_STUDIO_API_KEY", "", str,
         "Legacy token or personal access token for Label Studio (falls back to the token sent with /setup).")
     model_dir: Path = _setting("MODEL_DIR", "./models", Path,
@@ -51,9 +51,13 @@ class Settings:
     embedding_cache_dir: Path | None = _setting("EMBEDDING_CACHE_DIR", "", _path,
         "Folder for SAM image embeddings on disk (keyed by image hash and checkpoint). Empty: memory only.")
     score_threshold: float = _setting("SCORE_THRESHOLD", "0.25", float,
-        "Teeth whose numbering confidence is below this are not pre-annotated.")
+        "Candidates whose tooth score is below this are not pre-annotated (models with the tooth super-class; "
+        "for other YOLOv8-seg weights: their numbering confidence).")
     detector_conf: float = _setting("DETECTOR_CONF", "0.05", float,
         "YOLO candidate confidence before numbering (low on purpose: numbering decides).")
+    mask_refine: bool = _setting("MASK_REFINE", "true", _bool,
+        "Snap YOLO's tooth masks to the radiograph's edges (guided filter, radius one prototype cell) before "
+        "SAM; false keeps the prototype masks as they are.")
     sam_min_iou: float = _setting("SAM_MIN_IOU", "0.75", float,
         "Keep YOLO's own mask where SAM's predicted IoU is below this.")
     sam_min_agreement: float = _setting("SAM_MIN_AGREEMENT", "0.5", float,
@@ -64,17 +68,20 @@ class Settings:
         "Label Studio's local-files root, if this process can read it: /data/local-files/?d=... is read "
         "from disk (only below this root) instead of over HTTP.")
     image_host_allowlist: tuple[str, ...] = _setting("IMAGE_HOST_ALLOWLIST", "", _list,
-        "Extra hosts (comma-separated) images may be downloaded from besides Label Studio's.")
+        "Extra origins (comma-separated, e.g. https://cdn.example,http://10.0.0.5:8081; a bare host means "
+        "https on 443) images may be downloaded from besides Label Studio's; no token is sent to them.")
     max_image_pixels: int = _setting("MAX_IMAGE_PIXELS", "50000000", int,
         "Images with more pixels are refused (decompression-bomb guard).")
     max_download_bytes: int = _setting("MAX_DOWNLOAD_BYTES", "104857600", int, "Largest image download (bytes).")
-    download_timeout: float = _setting("DOWNLOAD_TIMEOUT", "30", float, "Seconds per image download.")
+    download_timeout: float = _setting("DOWNLOAD_TIMEOUT", "30", float,
+        "Seconds an image download may take in all (a server that trickles bytes is cut off too).")
     predict_batch_limit: int = _setting("PREDICT_BATCH_LIMIT", "1", int,
         "A /predict with more tasks than this is answered at once with a single placeholder result, "
         "which makes Label Studio resend the tasks one per request, each with its own timeout "
         "(ML_TIMEOUT_PREDICT, 100 s). 0 = predict any batch in one request.")
-    max_request_bytes: int = _setting("MAX_REQUEST_BYTES", "52428800", int,
-        "Largest request body the backend accepts (bytes); larger ones get 413.")
+    max_request_bytes: int = _setting("MAX_REQUEST_BYTES", "33554432", int,
+        "Largest request body the backend accepts (bytes): a larger Content-Length gets 413 before the body is "
+        "read, a chunked body as soon as it passes this.")
     basic_auth_user: str = _setting("BASIC_AUTH_USER", "", str,
         "With BASIC_AUTH_PASS: every route but /health requires this basic-auth user (set the same in "
         "Label Studio's ML backend settings).")

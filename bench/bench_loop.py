@@ -1,12 +1,15 @@
-"""Label efficiency of the annotation loop with a simulated oracle, and ablations of the paper's
-changes (training/simulate.py describes the experiment).
+"""Cold start and label efficiency of the annotation loop with a simulated oracle, with the
+product's training defaults (training/simulate.py describes the experiment).
 
-    .venv/bin/python bench/bench_loop.py            # default preset: 19.3 min measured on 2 CPU cores
-    .venv/bin/python bench/bench_loop.py --smoke    # tiny 1-epoch run, under a minute
-    .venv/bin/python bench/bench_loop.py --full --device cuda   # the paper's protocol, on a GPU
+    .venv/bin/python bench/bench_loop.py --work bench/.cache/sim   # 3 seeds, about 100 min each on 2 CPU cores
+    .venv/bin/python bench/bench_loop.py --smoke                   # mechanics check, about a minute
+    .venv/bin/python bench/bench_loop.py --full --device cuda      # the paper's training preset, on a GPU
 
-Writes bench/results/loop.md (loop-smoke.md, loop-full.md) with the per-round and ablation tables
-and a summary, and the plot of IA and instance Dice against oracle work next to it (.png).
+Writes bench/results/loop.md (loop-smoke.md, loop-full.md): the cold-start table (8 and 20
+annotated images, each small-data change switched off in turn), the loop per round and strategy
+with its control and the fully supervised reference, and the oracle actions each strategy needs
+to reach 0.98x of the reference; the plot of IA and instance Dice against oracle work next to it
+(.png). With --work, each seed's results are kept there and a rerun reuses them.
 """
 from __future__ import annotations
 

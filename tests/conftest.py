@@ -31,11 +31,17 @@ HARDENING_TABLE = REPO / "bench" / "results" / "hardening.md"
 
 # --- README's "what we tried and what happened" table -----------------------------------------------
 
-_scenarios: dict[str, tuple[str, str, str]] = {}
+SCENARIOS: dict[str, tuple[str, str, str]] = {}
+"""nodeid -> (tried, happened, outcome) of this session's `scenario` tests: "passed", "failed", "skipped"."""
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "scenario(tried, happened): a hardening test, a row of README's table")
+    config.addinivalue_line("markers", "last: runs after every other test of the session (it checks their outcomes)")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: the rest keep their order
 
 
 def pytest_collection_finish(session):
@@ -43,7 +49,8 @@ def pytest_collection_finish(session):
     files = {Path(str(i.path)) for i in session.items}
     whole = all(f in files for f in Path(__file__).parent.glob("test_*.py"))
     whole = whole and not session.config.option.keyword and not session.config.option.markexpr
-    session.config._scenario_items = [i.nodeid for i in session.items if i.get_closest_marker("scenario")] if whole else []
+    session.config._scenario_items = [i.nodeid for i in session.items if i.get_closest_marker("scenario")]
+    session.config._whole_suite = whole
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -51,26 +58,66 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     marker = item.get_closest_marker("scenario")
-    if marker and (report.when == "call" or report.failed):
-        _scenarios[item.nodeid] = (marker.args[0], marker.args[1], report.passed)
+    if marker and (report.when == "call" or report.failed or report.skipped):
+        result = "passed" if report.passed else "skipped" if report.skipped else "failed"
+        if SCENARIOS.get(item.nodeid, (0, 0, "passed"))[2] == "passed":  # a failed setup or teardown sticks
+            SCENARIOS[item.nodeid] = (marker.args[0], marker.args[1], result)
+
+
+def scenario_rows(nodeids) -> dict[tuple[str, str], str]:
+    """(tried, happened) -> "yes" / "NO" / "skipped" for this session (parametrised tests share a row)."""
+    rows: dict[tuple[str, str], str] = {}
+    rank = {"yes": 0, "skipped": 1, "NO": 2}
+    for nodeid in nodeids:
+        tried, happened, result = SCENARIOS.get(nodeid, (None, None, "skipped"))
+        if tried is None:
+            continue
+        value = {"passed": "yes", "failed": "NO", "skipped": "skipped"}[result]
+        old = rows.get((tried, happened), "yes")
+        rows[(tried, happened)] = max(old, value, key=rank.__getitem__)
+    return rows
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """After a whole-suite run in which every scenario test ran, write bench/results/hardening.md (README
-    quotes it)."""
-    expected = getattr(session.config, "_scenario_items", [])
-    if not expected or set(expected) - set(_scenarios):
+    """After a whole-suite run, rewrite the scenario section of bench/results/hardening.md from this
+    session's outcomes only (passed, failed or skipped); the mutation section is scripts/mutations.py's."""
+    if not getattr(session.config, "_whole_suite", False):
         return
-    rows: dict[tuple[str, str], bool] = {}  # parametrised tests share one row
-    for nodeid in expected:
-        tried, happened, passed = _scenarios[nodeid]
-        rows[(tried, happened)] = rows.get((tried, happened), True) and passed
-    lines = ["# What we tried and what happened", "",
-             "Written by the test session (`scripts/test`) from the tests marked `scenario`.", "",
-             "| what we tried | what happened | test passed |", "|---|---|---|"]
-    lines += [f"| {tried} | {happened} | {'yes' if ok else 'NO'} |" for (tried, happened), ok in rows.items()]
-    HARDENING_TABLE.parent.mkdir(parents=True, exist_ok=True)
-    HARDENING_TABLE.write_text("\n".join(lines) + "\n")
+    rows = scenario_rows(session.config._scenario_items)
+    lines = [SCENARIO_HEADING, "",
+             "Written by the last whole test session (`scripts/test`) from its own outcomes of the tests marked "
+             "`scenario`.", "", "| what we tried | what happened | test passed |", "|---|---|---|"]
+    lines += [f"| {tried} | {happened} | {result} |" for (tried, happened), result in rows.items()]
+    write_section(HARDENING_TABLE, SCENARIO_HEADING, "\n".join(lines))
+
+
+SCENARIO_HEADING = "## Scenario tests"
+MUTATION_HEADING = "## Mutations"
+
+
+def write_section(path: Path, heading: str, text: str) -> None:
+    """Replace the `heading` section of the markdown file `path` (or add it), keeping the others."""
+    title = "# What we tried and what happened"
+    sections = {}
+    if path.exists():
+        current = None
+        for line in path.read_text().splitlines():
+            if line.startswith("## "):
+                current = line
+                sections[current] = []
+            elif current is not None:
+                sections[current].append(line)
+    sections[heading] = text.splitlines()[1:]
+    order = [SCENARIO_HEADING, MUTATION_HEADING]
+    body = [title, ""]
+    for key in sorted(sections, key=lambda k: order.index(k) if k in order else len(order)):
+        body += [key, *[line for line in sections[key]]]
+        if body[-1] != "":
+            body.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(body).rstrip() + "\n")
+
+
 SYNTH_SIZE = (640, 320)
 
 
@@ -308,10 +355,17 @@ def predict_seconds(stack) -> list[float]:
             for m in re.finditer(r"backend\.model: task \d+: \d+ teeth \(([^)]*)\)", text)]
 
 
+QUICK_TRAINING = {"TRAIN_STEPS": 60, "TRAIN_WARM_STEPS": 40, "TRAIN_IMGSZ": 320, "TRAIN_WARMUP_STEPS": 0,
+                  "TRAIN_TIME_BUDGET": 0, "SCORE_THRESHOLD": 0.1}
+"""Short retrains for tests about the loop's mechanics (they warm-start from `trained_weights`)."""
+
+
 @pytest.fixture
 def make_stack(tmp_path, trained_weights, sam_checkpoint):
-    """A native stack (not started) with `seeds` + `pool` synthetic images: pool_*.png in the
-    imported folder, seed_*.png in a sibling folder the test imports with annotations."""
+    """A native stack (not started) with `seeds` + `pool` synthetic images of `size`: pool_*.png in
+    the imported folder, seed_*.png in a sibling folder the test imports with annotations.
+    `yolo_weights`: start from `trained_weights` (YOLO_WEIGHTS); `quick_training`: QUICK_TRAINING
+    instead of the product's training defaults."""
     import cv2
 
     from training.stack import Stack
@@ -321,23 +375,23 @@ def make_stack(tmp_path, trained_weights, sam_checkpoint):
         pytest.skip(f"no Label Studio venv at {LS_VENV} (scripts/setup creates it)")
     stacks = []
 
-    def make(seeds: int, pool: int, token: str, **env) -> Stack:
+    def make(seeds: int, pool: int, token: str, size: tuple[int, int] = SYNTH_SIZE, yolo_weights: bool = True,
+             quick_training: bool = True, **env) -> Stack:
         files = tmp_path / "files"
         images, seed_dir = files / "images", files / "seed"
         images.mkdir(parents=True)
         seed_dir.mkdir()
         samples = {}
         for i in range(seeds + pool):
-            sample = generate(9000 + i, SYNTH_SIZE)
+            sample = generate(9000 + i, size)
             name = f"{'seed' if i < seeds else 'pool'}_{i:02d}.png"
             cv2.imwrite(str((seed_dir if i < seeds else images) / name), sample.image)
             samples[name] = sample
         settings = {
             "LABEL_STUDIO_PORT": free_port(), "BACKEND_PORT": free_port(), "REDIS_PORT": free_port(),
-            "LABEL_STUDIO_USER_TOKEN": token, "YOLO_WEIGHTS": trained_weights, "SAM_CHECKPOINT": sam_checkpoint,
-            "SAM_MODEL_TYPE": "vit_tiny", "RETRAIN_MIN_NEW_ANNOTATIONS": 5, "TRAIN_AFTER_ANNOTATIONS": 0,
-            "TRAIN_EPOCHS": 6, "TRAIN_IMGSZ": 320, "TRAIN_BATCH": 4, "TRAIN_LR0": 0.01, "TRAIN_MOSAIC": 0,
-            "TRAIN_WARMUP_EPOCHS": 0, "SCORE_THRESHOLD": 0.1, "YOLO_VERBOSE": "False", **env,
+            "LABEL_STUDIO_USER_TOKEN": token, "YOLO_WEIGHTS": trained_weights if yolo_weights else "",
+            "SAM_CHECKPOINT": sam_checkpoint, "SAM_MODEL_TYPE": "vit_tiny", "RETRAIN_MIN_NEW_ANNOTATIONS": 5,
+            "TRAIN_AFTER_ANNOTATIONS": 0, "YOLO_VERBOSE": "False", **(QUICK_TRAINING if quick_training else {}), **env,
         }
         stack = Stack(data=tmp_path / "stack", images=images, env={k: str(v) for k, v in settings.items()},
                       ls_venv=LS_VENV)

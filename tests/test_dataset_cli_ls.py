@@ -164,3 +164,40 @@ def test_import_as_predictions(label_studio, client, dataset, tmp_path):
                      "--as", "predictions")
     assert summary(again).endswith("0 imported, 4 skipped (already there), 0 failed")
     assert len(list(client.predictions.list(project=project))) == 4
+
+
+def test_personal_access_token_is_refreshed_and_sent_as_bearer(label_studio, client, tmp_path):
+    """A personal access token (a JWT refresh token) as LABEL_STUDIO_API_KEY: the export and the image
+    download go through, each with an access token label_studio_sdk refreshed from it."""
+    import httpx
+    from PIL import Image
+
+    from backend.images import ImageError, ImageLoader
+    from backend.settings import Settings
+    from training.export import export_project
+
+    personal = client.tokens.create().token  # made with the legacy token; a JWT refresh token
+    assert personal.count(".") == 2
+    project = client.projects.create(title="pat", label_config='<View><Image name="image" value="$image"/>'
+                                     '<BrushLabels name="tag" toName="image"><Label value="11"/></BrushLabels></View>')
+    png = tmp_path / "pat.png"
+    Image.fromarray((np.arange(64 * 32) % 251).astype(np.uint8).reshape(32, 64)).save(png)
+    with open(png, "rb") as f:
+        r = httpx.post(f"{label_studio}/api/projects/{project.id}/import", files={"file": ("pat.png", f, "image/png")},
+                       headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    assert r.status_code == 201, r.text
+    url = next(iter(client.tasks.list(project=project.id))).data["image"]
+    assert url.startswith("/data/upload/")
+
+    settings = Settings.from_env({"LABEL_STUDIO_URL": label_studio, "LABEL_STUDIO_API_KEY": personal})
+    loader = ImageLoader(settings)
+    assert loader.auth_headers()["Authorization"].startswith("Bearer ")
+    assert loader.auth_headers()["Authorization"] != f"Bearer {personal}"  # an access token, not the refresh token
+    image = loader.load(url)
+    assert (image.height, image.width) == (32, 64)
+    assert len(export_project(label_studio, personal, project.id)) == 1
+    # the same request with the refresh token itself as the bearer is refused by Label Studio
+    assert httpx.get(f"{label_studio}{url}", headers={"Authorization": f"Bearer {personal}"}).status_code == 401
+    forged = personal[:-4] + ("AAAA" if not personal.endswith("AAAA") else "BBBB")
+    with pytest.raises(ImageError, match="rejected the API key"):
+        ImageLoader(Settings.from_env({"LABEL_STUDIO_URL": label_studio, "LABEL_STUDIO_API_KEY": forged})).load(url)

@@ -4,10 +4,11 @@ promotion replaces them; a worker killed mid-pass is resumed with no duplicates.
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 
 import pytest
+import redis
+from rq.scheduler import RQScheduler
 
 from backend.registry import Registry
 from conftest import REPO, import_seeds, predict_seconds, wait_for
@@ -69,15 +70,21 @@ def test_background_preannotation(make_stack):
         wait_for("the pass of v3 to be under way", lambda: 2 <= sum(
             p.model_version == v3 for p in toothseg_predictions(client, project, registry)) < 12, 120, 0.5)
         os.killpg(stack.pids()["worker"], signal.SIGKILL)
-        done_at_kill = sum(p.model_version == v3 for p in toothseg_predictions(client, project, registry))
-        assert done_at_kill < len(pool_ids)
-        time.sleep(62)  # the replacement worker comes up after the dead one's scheduler lock lapsed
+        done = [p for p in toothseg_predictions(client, project, registry) if p.model_version == v3]
+        assert len(done) < len(pool_ids)
+        # a kill between saving a task's new prediction and deleting its old one leaves both: make one such task
+        client.predictions.create(task=done[0].task, result=done[0].result, score=0.5, model_version=v2)
+        # the replacement worker comes up once the dead one's scheduler locks have lapsed (60 s)
+        conn = redis.Redis.from_url(stack.redis_url)
+        locks = [RQScheduler.get_locking_key(q) for q in (stack.setting("TRAIN_QUEUE"), stack.setting("PREANNOTATE_QUEUE"))]
+        wait_for("the dead worker's scheduler locks to lapse", lambda: not conn.exists(*locks), 120, 0.5)
         argv, env = stack.services()["worker"]
         log = open(stack.data / "logs" / "worker-2.log", "ab")
         replacement = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         try:
-            # rq finds the job abandoned and retries it; the retry skips what was saved
+            # rq finds the job abandoned and retries it; the retry skips what was saved and finishes the
+            # half-replaced task
             wait_for("the resumed pass of v3", lambda: covered(v3) and not any(
                 p.model_version != v3 for p in toothseg_predictions(client, project, registry)), 300, 3)
             preds = toothseg_predictions(client, project, registry)

@@ -56,10 +56,13 @@ def test_webhook_secret(start_backend, redis_url):
 
 
 class _LabelStudioLike(SimpleHTTPRequestHandler):
+    seen: list = []  # (path, Authorization header) of every request
+
     def log_message(self, *args):
         pass
 
     def do_GET(self):
+        self.seen.append((self.path, self.headers.get("Authorization")))
         if self.path.startswith("/slow"):
             time.sleep(3)
         if self.path.startswith(("/data/upload/", "/slow/")):
@@ -79,6 +82,7 @@ def fake_storage(tmp_path):
     Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
     Image.fromarray((arr.astype(np.uint16) * 16)).save(root / "deep.png")  # 12-bit values in a 16-bit PNG
     (root / "truncated.png").write_bytes((root / "grey.png").read_bytes()[:500])
+    _LabelStudioLike.seen.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_LabelStudioLike, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
@@ -98,12 +102,37 @@ def test_tokens_never_logged(start_backend, fake_storage, tmp_path, trained_weig
     r = httpx.post(f"{server.url}/predict", json=predict_body(["/data/upload/1/grey.png"]),
                    headers={"Authorization": "Bearer BEARER-TOKEN-777"}, timeout=120)
     assert r.status_code == 200
+    assert _LabelStudioLike.seen == [("/data/upload/1/grey.png", "Token LSKEY-0123456789")]  # it carried the token
     log = server.log_text()
     assert "DEBUG" in log  # the debug request logging of label-studio-ml did run
     for secret in ("LSKEY-0123456789", "SETUPTOKEN-987654", "HEADERTOKEN-55555", "BEARER-TOKEN-777"):
         assert secret not in log
     assert redact('{"access_token": "abc123"} Authorization: Token xyz987') == '{"access_token": "***"} ' \
                                                                             'Authorization: Token ***'
+
+
+def test_tracebacks_are_redacted_too():
+    import io
+    import logging
+
+    from backend.security import RedactingFilter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(RedactingFilter())
+    log = logging.getLogger("toothseg.test.redaction")
+    log.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError("Label Studio said no to Authorization: Token TRACEBACK-TOKEN-4242")
+        except RuntimeError:
+            log.exception("download failed for access_token=QUERY-TOKEN-77")
+    finally:
+        log.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Traceback" in text and "RuntimeError" in text
+    assert "TRACEBACK-TOKEN-4242" not in text and "QUERY-TOKEN-77" not in text and "Token ***" in text
 
 
 @pytest.mark.scenario("Images over HTTP: CMYK JPEG, RGBA PNG, 12-bit-in-16-bit PNG, a truncated PNG and a 3 s "
@@ -123,7 +152,7 @@ def test_image_kinds_in_one_batch(start_backend, fake_storage, tmp_path, trained
     assert len(results) == 6
     assert results[3]["result"] == [] and results[5]["result"] == []
     log = server.log_text()
-    assert "corrupt or truncated" in log and "timed out after 1 s" in log
+    assert "corrupt or truncated" in log and "longer than DOWNLOAD_TIMEOUT (1 s)" in log
     assert log.count("teeth (load") == 4  # cmyk, rgba, 16-bit, grey went through the pipeline
 
 
@@ -137,13 +166,20 @@ def test_body_limit(start_backend):
 
 
 @pytest.mark.scenario("Redis down", "/webhook answers 503 with the reason; /setup and /predict keep working")
-def test_redis_down(start_backend):
-    server = start_backend(REDIS_URL="redis://127.0.0.1:1/0", PREDICT_BATCH_LIMIT=0)
+def test_redis_down(start_backend, tmp_path, trained_weights, synth_dir):
+    models = tmp_path / "models"
+    version = register_model(models, "5", trained_weights)
+    server = start_backend(REDIS_URL="redis://127.0.0.1:1/0", PREDICT_BATCH_LIMIT=0, MODEL_DIR=models,
+                           LOCAL_FILES_DOCUMENT_ROOT=synth_dir, SCORE_THRESHOLD=0.05)
     r = httpx.post(f"{server.url}/webhook", json={"action": "START_TRAINING", "project": {"id": 5}})
     assert r.status_code == 503 and "Redis" in r.json()["error"]
-    assert httpx.post(f"{server.url}/setup", json={"project": "5.1", "schema": CONFIG}).status_code == 200
-    r = httpx.post(f"{server.url}/predict", json=predict_body(["/data/upload/1/x.png"]))
-    assert r.status_code == 200 and len(r.json()["results"]) == 1
+    setup = httpx.post(f"{server.url}/setup", json={"project": "5.1", "schema": CONFIG})
+    assert setup.status_code == 200 and setup.json()["model_version"] == version
+    name = sorted(p.name for p in (synth_dir / "images").iterdir())[0]
+    r = httpx.post(f"{server.url}/predict", json=predict_body([f"/data/local-files/?d=images/{name}"], "5.1"),
+                   timeout=120)
+    assert r.status_code == 200 and r.json()["model_version"] == version
+    assert len(r.json()["results"][0]["result"]) > 10  # teeth predicted while Redis is down
 
 
 @pytest.mark.scenario("Redis restarted (append-only file) with a retrain job queued",

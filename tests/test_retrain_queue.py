@@ -1,4 +1,6 @@
 """Coalescing of retrain jobs on real Redis with a real `rq worker` process."""
+import os
+import signal
 import subprocess
 import time
 
@@ -7,13 +9,16 @@ import pytest
 import redis
 from rq import Queue
 from rq.job import Job
+from rq.scheduler import RQScheduler
 
 from backend.retrain_queue import RetrainQueue, annotation_key
 from backend.settings import Settings
 from backend.webhooks import handle_webhook
-from conftest import QUEUE, REPO, VENV_BIN, stop  # noqa: F401  (start_worker is a conftest fixture)
+from conftest import QUEUE, REPO, VENV_BIN, stop, wait_for  # noqa: F401  (start_worker is a conftest fixture)
+from training.stack import _descendants
 
 JOB = "jobs_for_tests.slow_job"
+
 
 def queue_for(redis_url, min_new=1):
     return RetrainQueue(redis.Redis.from_url(redis_url), QUEUE, min_new, job_timeout=600, job_function=JOB)
@@ -120,11 +125,15 @@ def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_wor
     deadline = time.monotonic() + 30
     while not runs(redis_url) and time.monotonic() < deadline:
         time.sleep(0.1)
+    horses = _descendants(worker.pid)  # the work horse running the job, found by its parent's pid
     worker.kill()  # SIGKILL mid-run: no cleanup code of the worker runs
     worker.wait()
-    subprocess.run(["pkill", "-KILL", "-f", f"rq worker {QUEUE}"], check=False)  # and its work horse
+    for pid in horses:
+        os.kill(pid, signal.SIGKILL)
     assert event(q, "4", start_training=True).status == "coalesced"  # still looks alive to rq
-    time.sleep(62)  # a replacement worker comes up a minute later (the dead one's scheduler lock has lapsed)
+    # a replacement worker comes up once the dead one's scheduler lock has lapsed (it holds it for 60 s)
+    lock = RQScheduler.get_locking_key(QUEUE)
+    wait_for("the dead worker's scheduler lock to lapse", lambda: not r.exists(lock), 120, 0.5)
     start_worker(redis_url, SLOW_JOB_SECONDS=0.1)
     # rq finds the job abandoned once its heartbeat lapses (job monitoring interval + 60 s) and
     # retries it; the retry's fresh export covers the START_TRAINING recorded meanwhile
@@ -204,3 +213,35 @@ def test_lower_priority_nices_the_process_and_its_session_autogroup():
     assert out.returncode == 0, out.stderr
     nice, autogroup = out.stdout.split()
     assert nice == "7" and autogroup in ("7", "none")  # "none": a kernel without autogroup scheduling
+
+
+def test_a_stale_entry_is_released_atomically(redis_url):
+    """Two events find the same finished job in `active`; the first releases it and enqueues a new
+    job; the second's release of the old id must leave the new job in place (get-then-delete would not)."""
+    r = redis.Redis.from_url(redis_url)
+    first, second = queue_for(redis_url), queue_for(redis_url)
+    r.set("toothseg:project:9:active", "retrain-9-finished")  # a job id rq no longer knows: stale
+    assert first.active_job("9") is None
+    assert event(first, "9", start_training=True).status == "enqueued"
+    new = r.get("toothseg:project:9:active").decode()
+    assert not second.release("9", "retrain-9-finished")  # the second event's late release of the stale id
+    assert r.get("toothseg:project:9:active").decode() == new
+    assert second.active_job("9") == new and event(second, "9", start_training=True).status == "coalesced"
+
+
+def test_train_now_takes_the_project_lock(redis_url, tmp_path):
+    import sys
+
+    q = queue_for(redis_url)
+    busy = event(q, "11", start_training=True)  # a queued retrain holds project 11
+    env = {**os.environ, "REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "MODEL_DIR": str(tmp_path),
+           "LABEL_STUDIO_URL": "http://127.0.0.1:1"}
+    out = subprocess.run([sys.executable, "-m", "training.cli", "train", "--project", "11", "--now"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"being retrained already (job {busy.job_id})" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1
+    # free project: --now runs (here it fails at the export: Label Studio is down) and releases the lock
+    out = subprocess.run([sys.executable, "-m", "training.cli", "train", "--project", "12", "--now"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unreachable" in out.stderr, out.stderr
+    assert q.active_job("12") is None

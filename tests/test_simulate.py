@@ -1,13 +1,16 @@
-"""The label-efficiency simulation: the oracle's counting, the pick orders, and a tiny loop end to end."""
+"""The simulation: the oracle's counting, the pick orders, and a tiny cold start and loop end to end."""
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from backend.instance import Instance
+from backend.registry import Registry
 from training.cli import main
-from training.simulate import (CONTROL, SEED_ROUND, STRATEGIES, LoopData, OracleCount, format_report,
-                               image_score, oracle_count, order_pool, planned_work, plot_loop, preset, run_loop)
+from training.oracle import OracleCount, oracle_count
+from training.simulate import (CONTROL, COLD_VARIANTS, PREDICTION_VARIANTS, REFERENCE_SHARE, STRATEGIES, SeedResult,
+                               actions_to_reach, format_report, image_score, order_pool, preset, run_seed, spread)
 
 H, W = 20, 100
 
@@ -98,53 +101,82 @@ def test_config_refuses_a_pool_too_small():
     assert main(["simulate", "--smoke", "--rounds", "3"]) == 2
 
 
+def test_spread():
+    assert spread([0.5, 0.7, 0.6]) == "0.600 (0.500-0.700)"
+    assert spread([3.0], "{:.0f}") == "3"
+    assert spread([None, 2.0, 4.0], "{:.0f}") == "3 (2-4), 1 of 3 not reached"
+    assert spread([None]) == "not reached"
+
+
 @pytest.mark.slow
-def test_tiny_loop_end_to_end(tmp_path):
-    """2 rounds of 2 images from a pool of 4, 1-epoch trainings, vit_tiny SAM (about 15 s)."""
+def test_tiny_cold_start_and_loop_end_to_end(tmp_path):
+    """The smoke preset: 4 labeled images, a pool of 4, one round of 2, a few training steps (about a minute)."""
     config = preset("smoke")
     lines: list[str] = []
-    result = run_loop(config, tmp_path / "work", log=lines.append, show_bars=False)
+    result = run_seed(config, 0, tmp_path / "seed-0", log=lines.append)
 
-    assert [(r.round, r.strategy) for r in result.rounds] == [(0, SEED_ROUND)] + [
-        (r, name) for r in (1, 2) for name in (*STRATEGIES, CONTROL)]
-    for name in STRATEGIES:
-        curve = result.curve(name)
-        assert [r.labeled for r in curve] == [4, 6, 8]
-        picked = [key for r in curve for key in r.picked]
-        assert len(picked) == 4 and set(picked) == {"pool000", "pool001", "pool002", "pool003"}
-        assert [r.cumulative_actions for r in curve] == list(np.cumsum([r.oracle.actions for r in curve]))
-    assert [r.labeled for r in result.curve(CONTROL)] == [4, 4, 4]
-    assert all(r.picked == () and r.oracle == OracleCount() for r in result.curve(CONTROL))
+    # cold start: each training variant, then the prediction-time variants of the default model
+    names = [c.name for c in result.cold]
+    assert names == ["4 images, " + v for v in COLD_VARIANTS][:1] + ["4 images, " + v for v in PREDICTION_VARIANTS] \
+        + ["4 images, " + v for v in list(COLD_VARIANTS)[1:]]
+    default = result.cold[0]
+    assert default.steps == 4 and default.seconds > 0 and default.labeled == 4
+    # every job went through the product's registry: one version per training
+    registry = Registry(tmp_path / "seed-0" / "models")
+    assert len(registry.versions(101)) == 1 and registry.versions(101)[0].meta["steps_run"] == 4
 
-    data = LoopData(config)
-    for r in result.rounds:
-        teeth = sum(len(data.samples[key].polygons) for key in r.picked)
-        o = r.oracle
-        assert o.accepted + o.relabeled + o.redrawn + o.added == teeth  # every tooth matched or added
-        assert 0.0 <= r.scores.ia <= 1.0 and r.train_seconds > 0
+    # the loop: round 0 is the default cold-start model, then one round per strategy and the control
+    assert [(r.round, r.strategy) for r in result.rounds] == [(0, "seed")] + [(1, s) for s in (*STRATEGIES, CONTROL)]
+    assert result.rounds[0].train == default
+    teeth = {}
+    for r in result.rounds[1:]:
+        if r.strategy == CONTROL:
+            assert r.picked == [] and r.train.labeled == 4
+            strategy_steps = [x.train.steps for x in result.rounds if x.round == 1 and x.strategy != CONTROL]
+            assert r.train.steps == round(sum(strategy_steps) / len(strategy_steps))  # as many steps
+        else:
+            assert len(r.picked) == 2 and r.train.labeled == 6
+            o = r.oracle
+            teeth[r.strategy] = (o["accepted"] + o["relabeled"] + o["redrawn"] + o["added"]) * 2
+            assert r.cumulative_actions == pytest.approx(o["actions"] * 2)
+    assert result.reference.labeled == 4 + config.pool
+    assert result.pool_teeth > 0
 
-    assert [(a.proto_stride, a.large_box_alpha, a.hungarian, a.use_sam) for a in result.ablations] == [
-        (2, 4.0, True, True), (2, 4.0, False, True), (2, 4.0, True, False), (4, 4.0, True, True),
-        (2, 0.0, True, True)]
-    assert result.ablations[0].scores == result.baseline.scores
-    assert [a.train_seconds is None for a in result.ablations] == [True, True, True, False, False]
-    assert result.work == planned_work(config)
-    assert any("estimate for the whole run" in line for line in lines)
+    saved = SeedResult.from_json(result.to_json())
+    assert saved == result
+    report = format_report(config, [saved], "toothseg simulate --smoke", "test machine", plot="loop.png")
+    assert "NOT the product's defaults" in report and "Machine: test machine" in report
+    assert report.count("| 4 | ") == len(names)  # one cold-start row per variant
+    assert all(f"| {s} |" in report for s in STRATEGIES)
 
-    report = format_report(result, "bench/bench_loop.py --smoke", "test machine", plot="loop.png")
-    assert report.count("\n| ") == 1 + len(result.rounds) + 1 + len(result.ablations)  # header and rows
-    assert "Machine: test machine" in report and "random weights: checks the mechanics only" in report
-    assert sum(line.startswith("- ") and "baseline" in line for line in report.splitlines()) == len(STRATEGIES)
-    png = plot_loop(result, tmp_path / "loop.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+def test_actions_to_reach_the_reference():
+    def record(ia, dice, actions=0.0, rnd=0, strategy="seed"):
+        served = {"ia": ia, "instance_dice": dice, "instance_nsd": 0.0, "image_dice": 0.0, "oracle": {"actions": 1.0}}
+        train = {"name": "x", "labeled": 1, "promoted": True, "seconds": 1.0, "steps": 1, "stopped_by": "steps",
+                 "served": served, "candidate": served, "reason": ""}
+        return {"round": rnd, "strategy": strategy, "picked": [], "oracle": {}, "cumulative_actions": actions,
+                "train": train}
+
+    raw = {"seed": 0, "pool_teeth": 400, "cold": [], "seconds": 1.0,
+           "rounds": [record(0.80, 0.80), record(0.90, 0.97, 50, 1, "random"), record(0.99, 0.99, 90, 2, "random")],
+           "reference": record(1.0, 1.0)["train"]}
+    seed = SeedResult.from_json(json.dumps(raw))
+    assert REFERENCE_SHARE == 0.98
+    assert actions_to_reach(seed, "random") == 90  # round 1 has the IA but not the Dice
+    assert actions_to_reach(seed, "most-confident") is None
 
 
 @pytest.mark.slow
 def test_simulate_command_writes_report_and_plot(tmp_path):
     out = tmp_path / "results" / "loop.md"
-    assert main(["simulate", "--smoke", "--rounds", "1", "--pool", "2", "--test", "1", "--out", str(out)]) == 0
+    work = tmp_path / "work"
+    args = ["simulate", "--smoke", "--no-cold-start", "--work", str(work), "--out", str(out)]
+    assert main(args) == 0
     text = out.read_text()
-    assert text.startswith("# Label efficiency") and "Command: `toothseg simulate --smoke --rounds 1 --pool 2 --test 1 --out " in text
-    assert "| 1 | most-confident | 6 |" in text
+    assert text.startswith("# Cold start and label efficiency")
+    assert f"Command: `toothseg simulate --smoke --no-cold-start --work {work} --out {out}`" in text
+    assert "| 1 | most-confident | 6 |" in text and "no tooth super-class" not in text
     assert out.with_suffix(".png").stat().st_size > 0
-
+    assert (work / "seed-0.json").exists()
+    assert main(args) == 0  # a rerun reuses the seed's results

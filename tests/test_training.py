@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from ultralytics.nn.tasks import SegmentationModel
 from ultralytics.utils.loss import BboxLoss
 
 from backend.detector import Detector
+from backend.pipeline import PipelineOptions
 from backend.preprocess import pixel_statistics, standardise
 from backend.registry import Registry
 from backend.runtime import Runtime
@@ -20,7 +20,7 @@ from backend.settings import Settings
 from backend.yolo_model import ToothSegModel, proto_stride_of
 from conftest import REPO, register_model
 from training.dataset import LabeledImage, mask_polygon, split_train_val, write_yolo_dataset, yolo_label_lines
-from training.evaluate import gate, score_weights
+from training.evaluate import Evaluation, evaluate_weights, gate
 from training.history import format_table, plot_history, version_rows
 from training.metrics import Scores
 from training.model_changes import LargeBoxBboxLoss, area_weight
@@ -106,7 +106,8 @@ def test_dataset_labels_and_split(small_dataset, tmp_path):
 def test_training_runs_with_each_change(small_dataset, tmp_path, stride, alpha):
     data, items = small_dataset
     mean, std = pixel_statistics([it.pixels for it in items[:4]])
-    config = TrainConfig(epochs=1, batch=2, imgsz=256, proto_stride=stride, large_box_alpha=alpha, lr0=0.01)
+    config = TrainConfig(steps=2, batch=2, imgsz=256, proto_stride=stride, large_box_alpha=alpha, warmup_steps=0,
+                         time_budget=0)
     result = train_model(data, tmp_path / "run", config, mean, std)
     detector = Detector.load(result.weights)
     assert proto_stride_of(detector.model) == stride
@@ -119,10 +120,11 @@ def test_training_runs_with_each_change(small_dataset, tmp_path, stride, alpha):
 
 def test_warm_start_keeps_classes_and_takes_new_statistics(small_dataset, tmp_path, trained_weights):
     data, items = small_dataset
-    result = train_model(data, tmp_path / "run", TrainConfig(epochs=1, batch=2, imgsz=256), 0.3, 0.25,
+    result = train_model(data, tmp_path / "run", TrainConfig(steps=2, batch=2, imgsz=256, time_budget=0), 0.3, 0.25,
                          warm_start=trained_weights)
     model = Detector.load(result.weights).model
-    assert list(model.names.values())[:3] == ["11", "12", "13"] and len(model.names) == 52
+    names = list(model.names.values())
+    assert names[:3] == ["11", "12", "13"] and len(names) == 53 and names[-1] == "tooth"
     assert model.normalisation == pytest.approx((0.3, 0.25))
 
 
@@ -130,29 +132,57 @@ def test_worse_candidate_is_not_promoted(small_dataset, tmp_path, trained_weight
     _, items = small_dataset
     val = [LabeledImage(f"v{i}", s.image, s.masks()) for i, s in
            enumerate(generate(3000 + i, (640, 320)) for i in range(4))]
-    current = score_weights(trained_weights, val, min_score=0.05)
-    # a candidate trained for one epoch from scratch: clearly worse
+    options = PipelineOptions(min_score=0.05, use_sam=False)
+    current = evaluate_weights(trained_weights, val, options)
+    # a candidate trained for two steps from scratch: clearly worse
     data = write_yolo_dataset(val[:3], val[3:], tmp_path / "ds")
-    bad = train_model(data, tmp_path / "bad", TrainConfig(epochs=1, batch=2, imgsz=320), 0.4, 0.2).weights
-    candidate = score_weights(bad, val, min_score=0.05)
-    assert current.primary > candidate.primary + 0.01, (current, candidate)
+    bad = train_model(data, tmp_path / "bad", TrainConfig(steps=2, batch=2, imgsz=320, time_budget=0), 0.4, 0.2).weights
+    candidate = evaluate_weights(bad, val, options)
+    assert current.scores.primary > candidate.scores.primary + 0.01, (current, candidate)
     decision = gate(candidate, current, tolerance=0.01)
-    assert not decision.promote and "worse than current" in decision.reason
+    assert not decision.promote and "worse than current" in decision.reason and "Wilcoxon" in decision.reason
 
     registry = Registry(tmp_path / "models")
     good_version = register_model(tmp_path / "models", "1", trained_weights)
-    stored = store_version(registry, "1", bad, {"status": "rejected", "metrics": candidate.as_dict()}, {"tasks": []})
+    stored = store_version(registry, "1", bad, {"status": "rejected", "metrics": candidate.scores.as_dict()},
+                           {"tasks": []})
     reject(registry, "1", stored.version, decision.reason)
     assert registry.current_version("1") == good_version
     assert registry.history("1")[-1]["event"] == "rejected" and "worse" in registry.history("1")[-1]["reason"]
 
 
-def test_gate_rules():
-    s = lambda d, ia: Scores(0.8, 0.7, 0.8, d, 0.6, 0.7, ia)  # noqa: E731
-    assert gate(s(0.5, 0.5), None).promote
-    assert gate(s(0.5, 0.5), s(0.505, 0.5), tolerance=0.01).promote  # within tolerance
-    assert not gate(s(0.4, 0.5), s(0.5, 0.5), tolerance=0.01).promote
-    assert s(0.6, 0.8).primary == pytest.approx(0.7)
+def evaluation(identified: int, wrong: int, teeth: int = 28, per_tooth=None, dice: float = 0.8) -> Evaluation:
+    ia = identified / max(teeth + wrong, 1)
+    scores = Scores(0.8, 0.7, 0.8, dice * identified / teeth, 0.6, 0.7, ia)
+    per_tooth = per_tooth if per_tooth is not None else [(dice + 1) / 2] * identified + [0.0] * (teeth - identified)
+    return Evaluation(scores, 1, teeth, identified, wrong, tuple(per_tooth))
+
+
+def test_gate_first_model_must_show_that_it_saves_work():
+    nothing = gate(evaluation(0, 0), None, annotated=8)
+    assert not nothing.promote and "identified 0 of 28" in nothing.reason
+    assert "annotate more images (8 so far)" in nothing.advice
+    assert not gate(evaluation(0, 12), None).promote  # only wrong regions
+    assert not gate(evaluation(3, 0), None).promote  # 3 of 3 right: p = 0.125, too little evidence
+    assert gate(evaluation(5, 0), None).promote  # p = 0.031
+    assert gate(evaluation(20, 8), None).promote  # p = 0.018
+    assert not gate(evaluation(10, 12), None).promote  # more wrong than right
+    promoted = gate(evaluation(26, 1), None)
+    assert promoted.promote and promoted.advice == "" and "first model: identified 26 of 28" in promoted.reason
+
+
+def test_gate_later_candidates_tooth_by_tooth():
+    current = evaluation(26, 1)
+    assert gate(evaluation(26, 1), current, tolerance=0.01).promote  # the same
+    # two teeth worse (primary down by more than the tolerance) on one image: not significant, promoted
+    close = evaluation(24, 1, per_tooth=[0.9] * 24 + [0.0] * 4)
+    assert close.scores.primary < current.scores.primary - 0.01
+    decision = gate(close, current, tolerance=0.01)
+    assert decision.promote and "not significantly worse" in decision.reason
+    # worse on most teeth: significant, rejected
+    worse = evaluation(12, 1, per_tooth=[0.9] * 12 + [0.0] * 16)
+    decision = gate(worse, current, tolerance=0.01)
+    assert not decision.promote and "worse than current" in decision.reason
 
 
 def test_registry_rollback_history_and_cli(tmp_path, trained_weights):
@@ -220,9 +250,10 @@ def test_disk_full_while_saving_leaves_current_untouched(tmp_path, trained_weigh
 
 
 KILL_SCRIPT = """
-import sys, json
+import sys, time
 from pathlib import Path
 import backend
+import training.promotion as promotion
 from backend.registry import Registry
 from training.dataset import LabeledImage, write_yolo_dataset
 from training.promotion import promote, store_version
@@ -231,29 +262,57 @@ from training.train import TrainConfig, train_model
 work = Path(sys.argv[1]); models = Path(sys.argv[2])
 items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in enumerate(generate(4000 + i, (320, 160)) for i in range(6))]
 data = write_yolo_dataset(items[:4], items[4:], work / "ds")
-print("training", flush=True)
-r = train_model(data, work / "run", TrainConfig(epochs=200, batch=2, imgsz=256), 0.4, 0.2)
+r = train_model(data, work / "run", TrainConfig(steps=4, batch=2, imgsz=256, time_budget=0), 0.4, 0.2)
+copy = promotion.shutil.copyfile
+def half_then_wait(src, dst, *args, **kwargs):  # the weights half written when the kill comes
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: len(data) // 2])
+    print("storing", flush=True)
+    time.sleep(600)
+promotion.shutil.copyfile = half_then_wait
 reg = Registry(models)
 v = store_version(reg, "7", r.weights, {}, {"tasks": []})
 promote(reg, "7", v.version, "done")
 """
 
 
-@pytest.mark.scenario("A training process SIGKILLed mid-training",
+@pytest.mark.scenario("A training process SIGKILLed while it writes the new version into the registry",
                       "no partial version appears; the current model is unchanged and still served")
 def test_killed_training_leaves_the_current_model_untouched(tmp_path, trained_weights):
     models = tmp_path / "models"
     v1 = register_model(models, "7", trained_weights)
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path), str(models)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout.readline().strip().endswith(b"training")
-    time.sleep(8)
+    lines = []
+    for line in proc.stdout:  # wait for the event: the version's weights half written
+        lines.append(line)
+        if line.strip() == b"storing":
+            break
+    assert lines and lines[-1].strip() == b"storing", b"".join(lines[-20:]).decode(errors="replace")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     registry = Registry(models)
+    assert any(p.name.startswith(".") for p in (registry.project_dir("7") / "versions").iterdir())  # the half write
     assert registry.current_version("7") == v1
     assert [v.version for v in registry.versions("7")] == [v1]
     assert Runtime(Settings.from_env({"MODEL_DIR": str(models)})).detector("7")[0] == v1
+
+
+def test_promotion_loses_to_a_rollback_made_during_training(tmp_path, trained_weights):
+    from training.promotion import promote, rollback
+
+    models = tmp_path / "models"
+    v1 = register_model(models, "8", trained_weights)
+    v2 = register_model(models, "8", trained_weights)
+    registry = Registry(models)
+    candidate = store_version(registry, "8", trained_weights, {"parent": v2}, {"tasks": []})  # trained from v2
+    rollback(registry, "8", v1)  # meanwhile, someone rolls back
+    assert not promote(registry, "8", candidate.version, "gate passed", expected=v2)
+    assert registry.current_version("8") == v1
+    last = registry.history("8")[-1]
+    assert last["event"] == "not promoted" and f"CURRENT changed from {v2} to {v1}" in last["reason"]
+    assert promote(registry, "8", candidate.version, "gate passed", expected=v1)  # a current expectation wins
+    assert registry.current_version("8") == candidate.version
 
 
 def test_pseudo_labels_keep_only_confident_predictions(trained_weights, synth_dir):

@@ -108,15 +108,39 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import redis
 
-    from backend.retrain_queue import RetrainQueue
     from backend.registry import project_key
+    from backend.retrain_queue import LOCAL_JOB_PREFIX, RetrainQueue
 
     settings = _settings()
     project = project_key(args.project)
-    if args.now:
+    if args.now:  # in this process, holding the project's lock as a queued job would
+        import time
+        import uuid
+
+        from training.export import ExportError
         from training.jobs import run_retrain
 
-        print(run_retrain(project, settings, f"cli-{project}"))
+        queue = RetrainQueue.from_settings(redis.Redis.from_url(settings.redis_url), settings)
+        job_id = f"{LOCAL_JOB_PREFIX}{project}-{int(time.time())}-{uuid.uuid4().hex[:6]}"
+        try:
+            busy = queue.claim(project, job_id)
+        except redis.RedisError as exc:
+            raise CLIError(f"Redis at {settings.redis_url} is unavailable, so the project's retrain lock cannot "
+                           f"be taken: {exc}") from None
+        if busy is not None:
+            raise CLIError(f"project {project} is being retrained already (job {busy}); wait for it, or queue "
+                           f"one more run without --now")
+        try:
+            snapshot, covered = queue.snapshot(project), set()
+            print(run_retrain(project, settings, job_id, covered=covered.update))
+            queue.consume(project, snapshot | covered)
+        except ExportError as exc:
+            raise CLIError(str(exc)) from None
+        finally:
+            queue.release(project, job_id)
+        decision = queue.maybe_enqueue(project)  # events that arrived during the run, as a job's follow-up
+        if decision.status == "enqueued":
+            print(f"project {project}: events during the run queued a follow-up retrain ({decision.job_id})")
         return 0
     try:
         queue = RetrainQueue.from_settings(redis.Redis.from_url(settings.redis_url), settings)

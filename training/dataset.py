@@ -2,13 +2,15 @@
 
 Layout written (ultralytics' own): images/{train,val}/<key>.png (grey PNG), labels/{train,val}/<key>.txt
 with one line per tooth: "<class> x1 y1 x2 y2 ..." (polygon, coordinates normalised to [0, 1]),
-class = index in `backend.fdi.FDI_LABELS`, and data.yaml naming all 52 FDI classes. A tooth whose
+class = index in `backend.fdi.FDI_LABELS`, and data.yaml naming all 52 FDI classes (and the tooth
+super-class after them, `class_names`). A tooth whose
 mask has several parts becomes one polygon: the parts are joined at their closest points by
 ultralytics' `merge_multi_segment` (as its COCO converter does).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterable, Sequence
@@ -58,15 +60,20 @@ def yolo_label_lines(masks: dict[str, np.ndarray], epsilon: float = 1.0) -> list
 
 
 def split_train_val(keys: Sequence[Hashable], val_fraction: float = 0.2) -> tuple[list, list]:
-    """Deterministic split by key (task id): a key is in val when sha1(key) falls in the first
-    `val_fraction` of the hash range, so a task stays on its side as the project grows and the
-    validation set of earlier rounds stays in later ones. At least one key goes to each side
-    when there are two or more."""
+    """Deterministic split by key (task id): taking the keys in order, a key is in val when
+    sha1(key) falls in the first `val_fraction` of the hash range and val does not yet hold
+    max(1, floor(val_fraction * keys so far)). Task ids grow as a project does, so a task stays on
+    its side and the validation set of earlier rounds stays in later ones; the cap keeps a small
+    project's training split from losing more than its share to chance (8 tasks: 1 in val, 20: at
+    most 4). At least one key goes to each side when there are two or more."""
     def position(key) -> float:
         return int(hashlib.sha1(str(key).encode()).hexdigest()[:12], 16) / 16**12
 
     ranked = sorted(keys, key=position)
-    val = [k for k in ranked if position(k) < val_fraction]
+    val = []
+    for i, key in enumerate(sorted(keys)):
+        if position(key) < val_fraction and len(val) < max(1, math.floor(val_fraction * (i + 1))):
+            val.append(key)
     if len(keys) >= 2:
         if not val:
             val = ranked[:1]
@@ -77,8 +84,17 @@ def split_train_val(keys: Sequence[Hashable], val_fraction: float = 0.2) -> tupl
     return train, [k for k in keys if k in val_set]
 
 
-def write_yolo_dataset(train: Iterable[LabeledImage], val: Iterable[LabeledImage], out: Path) -> Path:
-    """Write a YOLO-seg dataset to `out`; returns the path of its data.yaml."""
+def class_names(tooth_class: bool = True) -> dict[int, str]:
+    """The detector's classes: the 52 FDI labels in class order, then `fdi.TOOTH_CLASS` (the tooth
+    super-class, which no label line names: the loss gives it to every tooth)."""
+    names = list(fdi.FDI_LABELS) + ([fdi.TOOTH_CLASS] if tooth_class else [])
+    return dict(enumerate(names))
+
+
+def write_yolo_dataset(train: Iterable[LabeledImage], val: Iterable[LabeledImage], out: Path,
+                       tooth_class: bool = True) -> Path:
+    """Write a YOLO-seg dataset to `out` (classes: `class_names(tooth_class)`); returns the path of
+    its data.yaml."""
     out = Path(out)
     counts = {}
     for split, items in (("train", train), ("val", val)):
@@ -98,7 +114,7 @@ def write_yolo_dataset(train: Iterable[LabeledImage], val: Iterable[LabeledImage
         "path": str(out.resolve()),
         "train": "images/train",
         "val": "images/val",
-        "names": {i: label for i, label in enumerate(fdi.FDI_LABELS)},
+        "names": class_names(tooth_class),
         "channels": 3,
     }
     path = out / "data.yaml"

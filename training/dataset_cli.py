@@ -335,7 +335,7 @@ def _pipeline(args: argparse.Namespace, settings: Settings) -> tuple[Pipeline, s
         except Exception as exc:  # torch / ultralytics raise many types for a file that is not their checkpoint
             raise CommandError(f"--model {weights}: cannot load YOLOv8-seg weights "
                                f"({exc.__class__.__name__}: {exc})") from None
-        return Pipeline(detector, runtime.refiner(), PipelineOptions(min_score=settings.score_threshold)), weights.name
+        return Pipeline(detector, runtime.refiner(), PipelineOptions.from_settings(settings)), weights.name
     if args.project:
         project = project_key(args.project)
     else:

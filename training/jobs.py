@@ -1,11 +1,16 @@
 """The retraining job run by `rq worker` (paper, section 2.2: the loop's "retrain" step).
 
     export (label-studio-sdk) -> images and masks -> YOLO-seg dataset (split by task id)
-    -> train (warm start from the current model) -> score candidate and current on the same
-    validation split -> store the version -> promote, or keep the current model and record why
+    -> train (warm start from the current model, within the time budget) -> score candidate and
+    current on the same validation split -> gate -> store the version -> promote, or keep the
+    current model and record why
 
-Progress is written to the rq job's meta (`stage`, `progress`, `detail`), which
-`toothseg status` reads, and to the worker's log.
+`run_retrain` runs these steps in order, each a function of its own. The job has a time budget
+(TRAIN_TIME_BUDGET minutes, from the job's start to its decision): the training gets what the
+export and download leave, less a reserve for the evaluation. Progress is written to the rq
+job's meta (`stage`, `progress`, `detail`, the budget), which `toothseg status` reads, to the
+worker's log, and to the project's ML backend in Label Studio (`training.ls_status`), where the
+outcome says what to do next when a model is not promoted.
 """
 from __future__ import annotations
 
@@ -13,65 +18,90 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from rq import get_current_job
 
-from backend.formats import find_target
+from backend.formats import Target, find_target
 from backend.images import ImageError, ImageLoader
+from backend.pipeline import PipelineOptions
 from backend.preprocess import pixel_statistics
-from backend.registry import Registry, project_key
+from backend.registry import ModelVersion, Registry, project_key
 from backend.retrain_queue import RetrainQueue, annotation_key
 from backend.runtime import lower_priority
 from backend.settings import Settings
 from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
-from training.evaluate import gate, score_weights
-from training.export import ExportError, annotated_tasks, export_project, load_labeled_images, manifest_for
+from training.evaluate import Evaluation, GateDecision, evaluate_weights, gate
+from training.export import AnnotatedTask, ExportError, annotated_tasks, export_project, load_labeled_images, \
+    manifest_for
+from training.ls_status import LabelStudioStatus
 from training.promotion import promote, reject, store_version, utc_now
-from training.train import TrainConfig, train_model
+from training.train import TrainConfig, TrainResult, train_model
 
 logger = logging.getLogger("toothseg.retrain")
 
+EVALUATION_RESERVE_S = 20.0
+"""Seconds of the budget kept for scoring and storing (plus EVALUATION_S_PER_IMAGE per validation image)."""
+EVALUATION_S_PER_IMAGE = 1.0
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
 
 class Progress:
-    """Stage and progress of the running job, in its rq meta and in the log."""
+    """Stage and progress of the running job: in its rq meta, the log and Label Studio."""
 
-    def __init__(self, project: str):
+    def __init__(self, project: str, budget_s: float = 0.0, label_studio: LabelStudioStatus | None = None):
         self.job = get_current_job()
         self.project = project
+        self.started = time.monotonic()
+        self.budget_s = budget_s
+        self.label_studio = label_studio
 
-    def __call__(self, stage: str, detail: str = "", progress: float | None = None) -> None:
-        logger.info("project %s [%s] %s", self.project, stage, detail)
+    def budget(self) -> str:
+        """"1:10 of 9:00 budget" (or the elapsed time alone without a budget)."""
+        elapsed = _clock(time.monotonic() - self.started)
+        return f"{elapsed} of {_clock(self.budget_s)} budget" if self.budget_s else f"{elapsed} elapsed"
+
+    def __call__(self, stage: str, detail: str = "", progress: float | None = None, final: bool = False) -> None:
+        logger.info("project %s [%s] %s (%s)", self.project, stage, detail, self.budget())
         if self.job is not None:
-            self.job.meta.update(stage=stage, detail=detail, updated_at=utc_now())
+            self.job.meta.update(stage=stage, detail=detail, updated_at=utc_now(), budget=self.budget())
             if progress is not None:
                 self.job.meta["progress"] = round(progress, 3)
             self.job.save_meta()
+        if self.label_studio is not None:
+            text = detail if final else f"{stage}: {detail} ({self.budget()})"
+            self.label_studio.report(text, force=final or stage != "train")
 
 
 def _label_config(settings: Settings, project: str) -> str:
+    import httpx
     from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
 
     try:
         client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key, timeout=30)
         return client.projects.get(id=int(project)).label_config
-    except Exception as exc:
+    except (ApiError, httpx.HTTPError, OSError) as exc:
         raise ExportError(f"cannot read project {project}'s labeling config from Label Studio at "
                           f"{settings.label_studio_url}: {exc.__class__.__name__}: {exc}") from None
 
 
 def pseudo_labels(settings: Settings, current_weights: Path, unlabeled: list[dict], value_key: str,
-                   loader: ImageLoader, report: Progress) -> tuple[list[LabeledImage], list[dict]]:
+                  loader: ImageLoader, report: Progress) -> tuple[list[LabeledImage], list[dict]]:
     """The paper's semi-supervised step: confident predictions of the current model on unannotated
     tasks become training images."""
     from backend.detector import Detector
     from backend.images import task_image_url
-    from backend.pipeline import Pipeline, PipelineOptions
+    from backend.pipeline import Pipeline
     from backend.runtime import Runtime
 
     pipeline = Pipeline(Detector.load(current_weights, device=settings.device), Runtime(settings).refiner(),
-                        PipelineOptions(min_score=settings.score_threshold))
+                        PipelineOptions.from_settings(settings))
     images, records = [], []
     for i, task in enumerate(unlabeled):
         try:
@@ -88,15 +118,35 @@ def pseudo_labels(settings: Settings, current_weights: Path, unlabeled: list[dic
     return images, records
 
 
-def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConfig | None = None,
-                covered: Callable[[Iterable[str]], None] | None = None) -> dict[str, Any]:
-    """One round of the loop for `project`; returns a summary (also stored in the version's meta).
-    `covered` receives the `annotation_key`s of the exported annotations (see RetrainQueue.run)."""
-    report = Progress(project)
-    registry = Registry(settings.model_dir)
-    config = config or TrainConfig.from_env(**({} if os.environ.get("TRAIN_DEVICE") else {"device": settings.device}))
-    started = time.perf_counter()
+# --- the steps --------------------------------------------------------------------------------
 
+@dataclass
+class Exported:
+    """What the export gave: the label config's target, annotated tasks and the rest."""
+
+    target: Target
+    annotated: list[AnnotatedTask]
+    unlabeled: list[dict]
+
+
+@dataclass
+class Dataset:
+    """The images of one round, split by task id, and the YOLO-seg dataset written from them."""
+
+    train_tasks: list[AnnotatedTask]
+    val_tasks: list[AnnotatedTask]
+    train_images: list[LabeledImage]
+    val_images: list[LabeledImage]
+    skipped: list[str]
+    data_yaml: Path
+    mean: float
+    std: float
+    pseudo_records: list[dict] = field(default_factory=list)
+
+
+def export_step(project: str, settings: Settings, report: Progress,
+                covered: Callable[[Iterable[str]], None] | None = None) -> Exported:
+    """Export the project; `covered` receives the `annotation_key` of every annotation in it."""
     report("export", f"exporting project {project} from {settings.label_studio_url}")
     export = export_project(settings.label_studio_url, settings.label_studio_api_key, project)
     target = find_target(_label_config(settings, project))
@@ -105,13 +155,17 @@ def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConf
         covered(annotation_key(a.get("id"), a.get("updated_at") or a.get("created_at"))
                 for task in export for a in task.get("annotations") or [])
     report("export", f"{len(annotated)} annotated tasks, {len(unlabeled)} without annotation")
-    if len(annotated) < 2:
-        return {"status": "skipped", "reason": f"{len(annotated)} annotated task(s); at least 2 are needed"}
+    return Exported(target, annotated, unlabeled)
 
+
+def dataset_step(settings: Settings, exported: Exported, work: Path, current: ModelVersion | None,
+                 config: TrainConfig, report: Progress) -> Dataset:
+    """Download the annotated images, split them by task id and write the YOLO-seg dataset."""
+    annotated = exported.annotated
     train_ids, val_ids = split_train_val([t.task_id for t in annotated], settings.val_fraction)
     loader = ImageLoader(settings)
     images, skipped = load_labeled_images(
-        annotated, loader, target.value_key,
+        annotated, loader, exported.target.value_key,
         on_progress=lambda n: report("download", f"{n} of {len(annotated)} images", n / len(annotated)))
     by_key = {img.key: img for img in images}
     train_set, val_set = set(train_ids), set(val_ids)
@@ -122,60 +176,132 @@ def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConf
     if not train_images or not val_images:
         raise RuntimeError(f"not enough usable images: {len(train_images)} train, {len(val_images)} val "
                            f"({len(skipped)} skipped: {'; '.join(skipped[:3])})")
-
-    current = registry.current(project)
     pseudo_records: list[dict] = []
-    if settings.pseudo_label_threshold > 0 and current is not None and unlabeled:
-        pseudo_images, pseudo_records = pseudo_labels(settings, current.weights, unlabeled, target.value_key,
-                                                       loader, report)
+    if settings.pseudo_label_threshold > 0 and current is not None and exported.unlabeled:
+        pseudo_images, pseudo_records = pseudo_labels(settings, current.weights, exported.unlabeled,
+                                                      exported.target.value_key, loader, report)
         train_images = train_images + pseudo_images
-
-    work = (settings.work_dir or settings.model_dir / ".work") / project / job_id
     shutil.rmtree(work, ignore_errors=True)
     report("dataset", f"{len(train_images)} train / {len(val_images)} val images -> {work}")
-    data_yaml = write_yolo_dataset(train_images, val_images, work / "dataset")
+    data_yaml = write_yolo_dataset(train_images, val_images, work / "dataset", tooth_class=config.tooth_class)
     mean, std = pixel_statistics([img.pixels for img in train_images])
+    return Dataset(train_tasks, val_tasks, train_images, val_images, skipped, data_yaml, mean, std, pseudo_records)
+
+
+def train_step(settings: Settings, data: Dataset, work: Path, current: ModelVersion | None, config: TrainConfig,
+               deadline: float | None, report: Progress) -> TrainResult:
+    """Train the candidate, warm-started from the current model (else YOLO_WEIGHTS, else from scratch),
+    ending by `deadline` (time.monotonic seconds, None: no limit). `config`: with the warm-start
+    length already applied (`TrainConfig.warm`) when there is a current model."""
     warm = current.weights if current is not None else settings.yolo_weights
+    if warm is not None and not warm.exists():
+        logger.warning("YOLO_WEIGHTS %s does not exist: the first training starts from scratch", warm)
+        warm = None
+    start = current.version if current else (warm or "scratch")
+    planned = config.epochs_for(len(data.train_images))
+    length = f"{config.steps} steps ({planned} epochs)" if config.steps > 0 else f"{planned} epochs"
+    report("train", f"{length} at imgsz {config.imgsz}, warm start from {start}", 0.0)
+    return train_model(data.data_yaml, work / "run", config, data.mean, data.std, warm_start=warm,
+                       on_epoch=lambda e, n, m: report("train", f"epoch {e}/{n}", e / n),
+                       val_items=data.val_images, val_options=PipelineOptions.from_settings(settings, use_sam=False),
+                       deadline=deadline,
+                       train_images=len(data.train_images))
 
-    report("train", f"{config.epochs} epochs at imgsz {config.imgsz}, warm start from "
-                    f"{current.version if current else (warm or 'scratch')}", 0.0)
-    result = train_model(data_yaml, work / "run", config, mean, std, warm_start=warm,
-                         on_epoch=lambda e, n, m: report("train", f"epoch {e}/{n}", e / n))
 
-    report("evaluate", f"scoring candidate{' and ' + current.version if current else ''} on {len(val_images)} "
+def gate_step(settings: Settings, candidate: Path, current: ModelVersion | None, data: Dataset, annotated: int,
+              report: Progress) -> GateDecision:
+    """Score candidate and current model on the validation split and decide."""
+    val = data.val_images
+    report("evaluate", f"scoring candidate{' and ' + current.version if current else ''} on {len(val)} "
                        f"validation images")
-    candidate_scores = score_weights(result.weights, val_images, settings.score_threshold)
-    current_scores = score_weights(current.weights, val_images, settings.score_threshold) if current else None
-    decision = gate(candidate_scores, current_scores, settings.gate_tolerance)
+    options = PipelineOptions.from_settings(settings, use_sam=False)
+    candidate_eval = evaluate_weights(candidate, val, options, settings.device)
+    current_eval = evaluate_weights(current.weights, val, options, settings.device) if current else None
+    return gate(candidate_eval, current_eval, settings.gate_tolerance, annotated=annotated)
 
-    report("promote", decision.reason)
-    manifest = manifest_for(project, train_tasks, val_tasks, pseudo_records)
+
+def _metrics(evaluation: Evaluation | None) -> dict[str, float] | None:
+    if evaluation is None:
+        return None
+    return evaluation.scores.as_dict() | {"primary": evaluation.scores.primary, "teeth": evaluation.teeth,
+                                          "identified": evaluation.identified, "wrong": evaluation.wrong}
+
+
+def store_step(registry: Registry, project: str, job_id: str, result: TrainResult, decision: GateDecision,
+               data: Dataset, current: ModelVersion | None, config: TrainConfig, report: Progress
+               ) -> tuple[ModelVersion, bool, str]:
+    """Store the candidate as a version with its metadata, then promote or reject it: (version,
+    promoted, why). A promotion loses to a rollback or promotion made while it trained."""
+    manifest = manifest_for(project, data.train_tasks, data.val_tasks, data.pseudo_records)
     meta = {
         "parent": current.version if current else None,
         "status": "promoted" if decision.promote else "rejected",
         "gate": decision.reason,
-        "metrics": candidate_scores.as_dict() | {"primary": candidate_scores.primary},
-        "parent_metrics": (current_scores.as_dict() | {"primary": current_scores.primary}) if current_scores else None,
-        "normalisation": {"mean": mean, "std": std},
+        "advice": decision.advice,
+        "metrics": _metrics(decision.candidate),
+        "parent_metrics": _metrics(decision.current),
+        "normalisation": {"mean": data.mean, "std": data.std},
         "hyperparameters": config.as_dict(),
         "model_changes": {"proto_stride": config.proto_stride, "large_box_alpha": config.large_box_alpha,
-                          "normalisation": "train split mean/std"},
+                          "tooth_class": config.tooth_class, "normalisation": "train split mean/std"},
         "manifest_hash": manifest["hash"],
         "counts": manifest["counts"],
-        "skipped": skipped,
+        "skipped": data.skipped,
         "train_seconds": round(result.seconds, 1),
         "epochs_run": result.epochs_run,
+        "steps_run": result.steps_run,
+        "stopped_by": result.stopped_by,
         "job_id": job_id,
     }
     version = store_version(registry, project, result.weights, meta, manifest)
-    if decision.promote:
-        promote(registry, project, version.version, decision.reason)
-    else:
+    report("promote", decision.reason)
+    if not decision.promote:
         reject(registry, project, version.version, decision.reason)
+        return version, False, decision.reason
+    if not promote(registry, project, version.version, decision.reason, expected=current.version if current else None):
+        return version, False, registry.history(project)[-1]["reason"]  # CURRENT changed during the training
+    return version, True, decision.reason
+
+
+def train_config(settings: Settings) -> TrainConfig:
+    """The product's training configuration: TRAIN_* variables, on DEVICE unless TRAIN_DEVICE is set."""
+    return TrainConfig.from_env(**({} if os.environ.get("TRAIN_DEVICE") else {"device": settings.device}))
+
+
+def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConfig | None = None,
+                covered: Callable[[Iterable[str]], None] | None = None) -> dict[str, Any]:
+    """One round of the loop for `project`; returns a summary (also stored in the version's meta).
+    `covered` receives the `annotation_key`s of the exported annotations (see RetrainQueue.run)."""
+    config = config or train_config(settings)
+    report = Progress(project, config.time_budget * 60, LabelStudioStatus.for_project(settings, project))
+    return run_round(project, settings, export_step(project, settings, report, covered), job_id, config, report)
+
+
+def run_round(project: str, settings: Settings, exported: Exported, job_id: str, config: TrainConfig,
+              report: Progress) -> dict[str, Any]:
+    """Everything after the export: dataset, training within the budget (counted from
+    `report.started`), gate, store."""
+    deadline = report.started + report.budget_s if report.budget_s else None
+    registry = Registry(settings.model_dir)
+    if len(exported.annotated) < 2:
+        reason = f"{len(exported.annotated)} annotated task(s); at least 2 are needed"
+        report("done", f"not trained: {reason}; annotate more images, then start training", 1.0, final=True)
+        return {"status": "skipped", "reason": reason}
+    current = registry.current(project)
+    config = config.warm() if current is not None else config
+    work = (settings.work_dir or settings.model_dir / ".work") / project / job_id
+    data = dataset_step(settings, exported, work, current, config, report)
+    reserve = EVALUATION_RESERVE_S + EVALUATION_S_PER_IMAGE * len(data.val_images) * (2 if current else 1)
+    result = train_step(settings, data, work, current, config, deadline and deadline - reserve, report)
+    decision = gate_step(settings, result.weights, current, data, len(exported.annotated), report)
+    version, promoted, reason = store_step(registry, project, job_id, result, decision, data, current, config, report)
     shutil.rmtree(work, ignore_errors=True)
-    summary = {"status": meta["status"], "version": version.version, "reason": decision.reason,
-               "primary": round(candidate_scores.primary, 4), "seconds": round(time.perf_counter() - started, 1)}
-    report("done", f"{version.version} {meta['status']}: {decision.reason}", 1.0)
+    status = "promoted" if promoted else "rejected"
+    summary = {"status": status, "version": version.version, "reason": reason, "advice": decision.advice,
+               "primary": round(decision.candidate.scores.primary, 4),
+               "seconds": round(time.monotonic() - report.started, 1)}
+    outcome = f"{version.version} {status} ({report.budget()}): {reason}"
+    report("done", outcome + (f". Next: {decision.advice}" if decision.advice else ""), 1.0, final=True)
     return summary
 
 

@@ -1,9 +1,11 @@
-"""The paper's model changes (section 2.3) as ultralytics extensions, each switchable.
+"""toothseg's changes to ultralytics' YOLOv8-seg training, each switchable (`ModelChanges`).
 
-(a) Finer prototypes: `ModelChanges.proto_stride` 4 (stock), 2 (paper: one extra 2x
-    upsampling in the Proto module) or 1. The network side is `backend.yolo_model.FineProto`;
-    here the trainer asks the dataset for masks at the same stride (`mask_ratio`) and the
-    validator derives the prototype stride from the tensors instead of assuming 4.
+The paper's (section 2.3):
+
+(a) Finer prototypes: `proto_stride` 4 (stock), 2 (paper: one extra 2x upsampling in the Proto
+    module) or 1. The network side is `backend.yolo_model.FineProto`; here the trainer asks the
+    dataset for masks at the same stride (`mask_ratio`) and the validator derives the prototype
+    stride from the tensors instead of assuming 4.
 (b) Large-box loss: with `large_box_alpha` = alpha > 0, every foreground anchor's box terms
     (CIoU and DFL) and mask term (BCE inside the box) are multiplied by
 
@@ -14,31 +16,55 @@
     (default alpha = 4: 1.4 and 1.8). alpha = 0 is exactly ultralytics' loss.
 (c) Standardisation with the train split's mean/std: `backend.yolo_model.ToothSegModel`, the
     statistics given here and stored in the checkpoint.
+
+toothseg's own, for projects with a handful of annotated images:
+
+(d) A tooth super-class next to the 52 FDI classes (`tooth_class`): the head gets a 53rd class,
+    `backend.fdi.TOOTH_CLASS`, that every tooth has. Anchors are assigned to ground-truth teeth
+    by ultralytics' task-aligned assigner run class-agnostically on that column, and the FDI
+    column of the assigned tooth gets the same target. So *is this a tooth* is learnt from every
+    tooth of every image (about 28 per panoramic), while *which tooth* (52 classes, each seen
+    once per image at most) may stay uncertain; the detector keeps candidates by the tooth
+    score and the numbering decides the label (`backend.numbering`).
+(e) Panoramic canvas (`PanoramicDataset`): without mosaic, ultralytics pads every training
+    image into an imgsz x imgsz square; a 2:1 panoramic then wastes half of each batch on
+    padding. Here the canvas has the images' own aspect ratio (640 x 320 at imgsz 640), the
+    shape the detector letterboxes to at prediction time, so a step costs half as much.
+(f) Validation by the product's own score (`ToothSegTrainer.validate`): each epoch the EMA model
+    runs through `backend.pipeline` on the validation images and is scored with the STS metrics;
+    the primary score (mean of instance Dice and IA) is ultralytics' fitness, so best.pt and
+    early stopping follow what the promotion gate will measure.
 """
 from __future__ import annotations
 
 from copy import copy
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from ultralytics.data.dataset import YOLODataset
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationValidator
 from ultralytics.utils import RANK, ops
 from ultralytics.utils.loss import BboxLoss, v8SegmentationLoss
 from ultralytics.utils.metrics import bbox_iou
 from ultralytics.utils.ops import crop_mask
-from ultralytics.utils.tal import bbox2dist
+from ultralytics.utils.tal import TaskAlignedAssigner, bbox2dist
+from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
 from backend.yolo_model import ToothSegModel
 
 
 @dataclass(frozen=True)
 class ModelChanges:
-    """Which of the paper's changes a training run uses, and the normalisation statistics."""
+    """Which of the changes a training run uses, and the normalisation statistics."""
 
     proto_stride: int = 2
     large_box_alpha: float = 4.0
+    tooth_class: bool = True
     mean: float = 0.0
     std: float = 1.0
 
@@ -71,18 +97,71 @@ class LargeBoxBboxLoss(BboxLoss):
         return loss_iou, loss_dfl / target_scores_sum
 
 
-class LargeBoxSegmentationLoss(v8SegmentationLoss):
-    """v8SegmentationLoss whose box and mask terms are weighted up with the ground-truth box area."""
+class ToothAssigner(nn.Module):
+    """Task-aligned assignment by the tooth column (the last class), class-agnostic.
 
-    def __init__(self, model, alpha: float, tal_topk: int = 10):
+    Wraps a one-class `TaskAlignedAssigner`. Returns what ultralytics' assigner returns, with
+    target scores (bs, anchors, nc) holding the alignment target t in the tooth column and in the
+    FDI column of the assigned ground-truth tooth (0 elsewhere and on background anchors).
+    """
+
+    def __init__(self, assigner: TaskAlignedAssigner):
+        super().__init__()
+        self.inner = TaskAlignedAssigner(topk=assigner.topk, num_classes=1, alpha=assigner.alpha,
+                                         beta=assigner.beta, stride=assigner.stride, eps=assigner.eps,
+                                         topk2=assigner.topk2)
+
+    def forward(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, **extra):
+        nc = pd_scores.shape[-1]
+        labels, bboxes, tooth, fg, gt_idx = self.inner(pd_scores[..., -1:], pd_bboxes, anc_points,
+                                                        torch.zeros_like(gt_labels), gt_bboxes, mask_gt, **extra)
+        scores = torch.zeros_like(pd_scores)
+        if gt_labels.shape[1]:
+            fdi = gt_labels.squeeze(-1).long().gather(1, gt_idx).clamp_(0, nc - 2)
+            scores.scatter_(-1, fdi.unsqueeze(-1), tooth)
+            labels = fdi
+        scores[..., -1:] = tooth
+        return labels, bboxes, scores, fg, gt_idx
+
+
+class ToothSegmentationLoss(v8SegmentationLoss):
+    """v8SegmentationLoss with the large-box weighting (b) and, optionally, the tooth super-class (d)."""
+
+    def __init__(self, model, alpha: float, tooth_class: bool, tal_topk: int = 10):
         super().__init__(model, tal_topk)
         self.alpha = alpha
-        self.bbox_loss = LargeBoxBboxLoss(self.reg_max, alpha).to(self.device)
+        if alpha > 0:
+            self.bbox_loss = LargeBoxBboxLoss(self.reg_max, alpha).to(self.device)
+        if tooth_class:
+            self.assigner = ToothAssigner(self.assigner)
 
     def single_mask_loss(self, gt_mask, pred, proto, xyxy, area):
         pred_mask = torch.einsum("in,nhw->ihw", pred, proto)
         loss = F.binary_cross_entropy_with_logits(pred_mask, gt_mask, reduction="none")
         return (crop_mask(loss, xyxy).mean(dim=(1, 2)) / area * area_weight(area, self.alpha)).sum()
+
+
+class PanoramicDataset(YOLODataset):
+    """YOLODataset whose augmented training images are laid on a canvas of the images' aspect ratio
+    (imgsz along the longer side, the shorter one rounded up to the stride) instead of a square.
+    Only without mosaic: a mosaic is square by construction, so it keeps ultralytics' canvas."""
+
+    def build_transforms(self, hyp):
+        self.canvas = self._canvas() if self.augment and not hyp.mosaic else None
+        return super().build_transforms(hyp)
+
+    def _canvas(self) -> tuple[int, int]:
+        """(h, w) of the canvas: the widest landscape (or tallest portrait) aspect of the images."""
+        shapes = np.array([lb["shape"] for lb in self.labels], dtype=np.float64)  # (n, 2) h, w
+        ratio = (shapes[:, 0] / shapes[:, 1]).max() if (shapes[:, 1] >= shapes[:, 0]).all() else 1.0
+        short = int(np.ceil(self.imgsz * ratio / self.stride) * self.stride)
+        return min(short, self.imgsz), self.imgsz
+
+    def get_image_and_label(self, index):
+        label = super().get_image_and_label(index)
+        if self.canvas is not None:
+            label["rect_shape"] = self.canvas  # RandomPerspective's output size
+        return label
 
 
 class StrideAwareSegmentationValidator(SegmentationValidator):
@@ -119,10 +198,14 @@ class StrideAwareSegmentationValidator(SegmentationValidator):
 
 
 class ToothSegTrainer(SegmentationTrainer):
-    """SegmentationTrainer building `ToothSegModel` with the changes in `changes` (a class attribute,
-    bound by `trainer_for`, because ultralytics instantiates the trainer class itself)."""
+    """SegmentationTrainer building `ToothSegModel` with the changes in `changes`, scoring epochs on
+    `val_items` (class attributes, bound by `trainer_for`, because ultralytics instantiates the
+    trainer class itself). Without `val_items` it validates with ultralytics' mAP."""
 
     changes: ModelChanges = ModelChanges()
+    val_items: Sequence = ()
+    val_options = None  # backend.pipeline.PipelineOptions; None: its defaults without SAM
+    val_every: int = 1  # epochs between validations (and checkpoint saves); the final epoch always
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         c = self.changes
@@ -134,16 +217,67 @@ class ToothSegTrainer(SegmentationTrainer):
             model.normalisation = (c.mean, c.std)  # this round's statistics, not the parent's
         return model
 
+    def build_dataset(self, img_path, mode="train", batch=None):
+        if mode != "train":
+            return super().build_dataset(img_path, mode, batch)
+        gs = max(int(unwrap_model(self.model).stride.max()), 32)
+        return PanoramicDataset(img_path=img_path, imgsz=self.args.imgsz, batch_size=batch, augment=True,
+                                hyp=self.args, rect=False, cache=self.args.cache or None,
+                                single_cls=self.args.single_cls or False, stride=gs, pad=0.0,
+                                prefix="train: ", task=self.args.task, classes=self.args.classes,
+                                data=self.data, fraction=self.args.fraction)
+
     def set_model_attributes(self):
         super().set_model_attributes()
-        if self.changes.large_box_alpha > 0:
-            self.model.criterion = LargeBoxSegmentationLoss(self.model, self.changes.large_box_alpha)
+        c = self.changes
+        self.model.criterion = ToothSegmentationLoss(self.model, c.large_box_alpha, c.tooth_class)
 
     def get_validator(self):
         return StrideAwareSegmentationValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args),
                                                 _callbacks=self.callbacks)
 
+    def validate(self):
+        """(metrics, fitness) of the EMA model on `val_items`: the STS scores through the product's
+        pipeline (detector and numbering), fitness = their primary score."""
+        if not self.val_items:
+            return super().validate()
+        if (self.epoch + 1) % self.val_every and self.epoch + 1 < self.epochs:
+            return self.metrics, None  # not this epoch: no fitness, so no best.pt and no early-stopping step
+        from backend.detector import Detector
+        from backend.pipeline import Pipeline, PipelineOptions
+        from training.evaluate import score_pipeline
 
-def trainer_for(changes: ModelChanges) -> type[ToothSegTrainer]:
-    """A ToothSegTrainer subclass bound to `changes`."""
-    return type("BoundToothSegTrainer", (ToothSegTrainer,), {"changes": changes})
+        model = self.ema.ema if self.ema else unwrap_model(self.model)
+        was_training = model.training
+        pipeline = Pipeline(Detector(model.eval(), imgsz=self.args.imgsz, device=str(self.device)), None,
+                            self.val_options or PipelineOptions(use_sam=False))
+        scores = score_pipeline(pipeline, self.val_items, nsd="sts")
+        model.train(was_training)
+        fitness = float(scores.primary)
+        if self.best_fitness is None or self.best_fitness < fitness:
+            self.best_fitness = fitness
+        metrics = {f"val/{name}": round(value, 5) for name, value in scores.as_dict().items()}
+        return metrics | {"val/primary": round(fitness, 5)}, fitness
+
+    def save_model(self):
+        """Checkpoints only after a validated epoch (ultralytics saves every epoch; with a handful of
+        images an epoch is a few steps, and the save would cost as much as the training)."""
+        if self.fitness is None and self.epoch + 1 < self.epochs:
+            return False
+        return super().save_model()
+
+    def final_eval(self):
+        """Strip the optimizer from the saved checkpoints; the validation scores are already known."""
+        if not self.val_items:
+            return super().final_eval()
+        for weights in (self.last, self.best):
+            if weights.exists():
+                strip_optimizer(weights)
+
+
+def trainer_for(changes: ModelChanges, val_items: Sequence = (), val_options=None, val_every: int = 1
+                ) -> type[ToothSegTrainer]:
+    """A ToothSegTrainer subclass bound to `changes`, the validation images and pipeline options."""
+    return type("BoundToothSegTrainer", (ToothSegTrainer,),
+                {"changes": changes, "val_items": tuple(val_items), "val_options": val_options,
+                 "val_every": max(int(val_every), 1)})

@@ -77,19 +77,22 @@ def _client(settings: Settings):
 
 
 def plan(client, project: str, version: str, own_versions: set[str],
-         failed: set[int] = frozenset()) -> tuple[list, dict[int, list]]:
+         failed: set[int] = frozenset()) -> tuple[list, dict[int, list], dict[int, list]]:
     """(tasks without annotations that lack a `version` prediction, in id order, except those whose
-    image failed in this pass; task id -> that task's predictions from other toothseg versions)."""
+    image failed in this pass; task id -> that task's predictions from other toothseg versions;
+    the same for tasks that already have their `version` prediction: left over by a pass killed
+    between saving a task's new prediction and deleting its old ones)."""
     tasks = sorted((t for t in client.tasks.list(project=int(project)) if not t.total_annotations),
                    key=lambda t: t.id)
     by_task: dict[int, list] = {}
     for p in client.predictions.list(project=int(project)):
         by_task.setdefault(p.task, []).append(p)
-    todo = [t for t in tasks if t.id not in failed and not any(p.model_version == version
-                                                                  for p in by_task.get(t.id, []))]
+    done = {t.id for t in tasks if any(p.model_version == version for p in by_task.get(t.id, []))}
+    todo = [t for t in tasks if t.id not in failed and t.id not in done]
     stale = {tid: [p for p in preds if p.model_version in own_versions and p.model_version != version]
              for tid, preds in by_task.items()}
-    return todo, stale
+    leftovers = {tid: stale[tid] for tid in done if stale.get(tid)}
+    return todo, stale, leftovers
 
 
 def _failed_key(project: str, version: str) -> str:
@@ -105,11 +108,16 @@ def run_chunk(project: str, version: str, settings: Settings, limit: int, report
     target = find_target(client.projects.get(id=int(project)).label_config)
     own = {v.version for v in registry.versions(project)}
     failed_ids = {int(x) for x in conn.smembers(_failed_key(project, version))} if conn else set()
-    todo, stale = plan(client, project, version, own, failed_ids)
+    todo, stale, leftovers = plan(client, project, version, own, failed_ids)
     runtime = Runtime(settings)
     served = runtime.serve(project)
     if served.version != version:
         return {"status": "superseded", "by": served.version, "remaining": len(todo)}
+    for task_id, olds in leftovers.items():  # a killed pass's half-done task: finish its replacement
+        logger.info("project %s task %s: removing %d prediction(s) of older versions left by an interrupted pass",
+                    project, task_id, len(olds))
+        for old in olds:
+            client.predictions.delete(id=old.id)
     loader = ImageLoader(settings)
     done = failed = 0
     started = time.perf_counter()

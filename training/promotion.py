@@ -4,14 +4,18 @@ Writes are crash-safe: a version is assembled in a temporary folder next to its 
 renamed into `versions/` only when complete (weights, meta, manifest, all fsynced); CURRENT is
 written to a temporary file and swapped in with os.replace. A worker killed at any point leaves
 either the old state or the new one, never a half-written current model. A failed write (disk
-full) removes its temporary folder and leaves CURRENT untouched.
+full) removes its temporary folder and leaves CURRENT untouched. Promotion compares and swaps
+CURRENT under the project's lock: a candidate trained while someone rolled back does not
+silently undo the rollback.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -86,11 +90,41 @@ def set_current(registry: Registry, project: Any, version: str) -> None:
         raise
 
 
-def promote(registry: Registry, project: Any, version: str, reason: str) -> None:
+@contextmanager
+def _project_lock(registry: Registry, project: str):
+    """An exclusive lock on the project's registry folder (fcntl lock on its `.lock` file), held
+    while CURRENT is compared and swapped."""
+    directory = registry.project_dir(project)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+b") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+_ANY = object()
+
+
+def promote(registry: Registry, project: Any, version: str, reason: str, expected: Any = _ANY) -> bool:
+    """Make `version` current. With `expected` (the version current when the candidate's training
+    started, None for none): only if CURRENT still names it, compared and swapped under the project's
+    lock; otherwise CURRENT stays (a rollback or another promotion happened meanwhile), the lost race
+    is recorded in the history, and False is returned."""
     key = project_key(project)
-    previous = registry.current_version(key)
-    set_current(registry, key, version)
-    _append_history(registry, key, {"event": "promoted", "version": version, "previous": previous, "reason": reason})
+    with _project_lock(registry, key):
+        previous = registry.current_version(key)
+        if expected is not _ANY and previous != expected:
+            _append_history(registry, key, {"event": "not promoted", "version": version, "current": previous,
+                                            "reason": f"CURRENT changed from {expected} to {previous} while "
+                                                      f"{version} was trained (a rollback or another "
+                                                      f"promotion); it stays current"})
+            return False
+        set_current(registry, key, version)
+        _append_history(registry, key, {"event": "promoted", "version": version, "previous": previous,
+                                        "reason": reason})
+    return True
 
 
 def reject(registry: Registry, project: Any, version: str, reason: str) -> None:
@@ -103,7 +137,8 @@ def reject(registry: Registry, project: Any, version: str, reason: str) -> None:
 def rollback(registry: Registry, project: Any, version: str) -> None:
     """Make an older stored version current again (recorded in the history)."""
     key = project_key(project)
-    previous = registry.current_version(key)
-    set_current(registry, key, version)
-    _append_history(registry, key, {"event": "rolled_back", "version": version, "previous": previous,
-                                    "reason": "manual rollback"})
+    with _project_lock(registry, key):
+        previous = registry.current_version(key)
+        set_current(registry, key, version)
+        _append_history(registry, key, {"event": "rolled_back", "version": version, "previous": previous,
+                                        "reason": "manual rollback"})

@@ -1,138 +1,83 @@
-"""Label efficiency of the annotation loop with a simulated oracle (`toothseg simulate`,
-bench/bench_loop.py).
+"""Cold start and label efficiency of the annotation loop, with a simulated oracle
+(`toothseg simulate`, bench/bench_loop.py).
 
-The experiment (`run_loop`), on synthetic panoramics (`training.synth.generate`, image i drawn
-with `synth.sample_seed(seed, i)`): `seed_images` labeled images, a pool of `pool` unlabeled ones
-and a fixed held-out test set of `test` images.
+Every model here is trained the way the product trains it: `training.jobs.run_round` (the retrain
+job after its export: dataset, split by task id, training with the product's TRAIN_* defaults
+and time budget, the promotion gate, the registry), on tasks whose images lie in a local-files
+folder and whose annotations are Label Studio brush regions. Only the export from Label Studio is
+replaced. So "time to promotion" is the job's time from the end of its export to its decision.
 
-- Round 0: a detector trained from scratch on the seed images (`LoopConfig.first`), shared by
-  every strategy; its test scores are the 20-image baseline.
-- Rounds 1..`rounds`, per strategy: the strategy's previous model pre-annotates the pool, the
-  strategy picks `per_round` images by task score (the mean numbering confidence of an image's
-  teeth, `backend.model.task_score`): most confident first (the paper), random, or least
-  confident first. The oracle corrects the picked pre-annotations to the ground truth, counting
-  its work (`oracle_count`); the images join the labeled set with their ground-truth masks, the
-  model is retrained warm-started from the previous round's weights (`LoopConfig.warm`) and
-  scored on the test set.
-- Control, "no-new-labels": the same warm-started retraining each round on the seed images only,
-  so the gain that comes from the extra epochs alone is visible.
-- Ablations on the seed images with the first model's budget: the paper's model, stock Proto
-  (`proto_stride` 4 instead of 2), ultralytics' loss (`large_box_alpha` 0 instead of 4), arg-max
-  labels instead of Hungarian numbering and YOLO masks without SAM (the last two: the same
-  model, other `PipelineOptions`).
+Per seed (image i drawn with `synth.sample_seed(seed, i)` at `SimConfig.size`): labeled images,
+a pool and a held-out test set.
 
-Every pre-annotation and test score uses the full pipeline (`backend.pipeline.Pipeline`:
-detector, Hungarian numbering, SAM box refinement, `min_score` 0.25) with a SAM built by
-`segment_anything`'s builders, random weights unless a checkpoint is given; test scores are the
-STS 2024 metrics (`training.metrics`, "sts" NSD). The pool is scored by detector and numbering
-alone and only the picked images go through SAM: SAM replaces masks but never adds, drops or
-renumbers a tooth (`SamRefiner.refine` keeps a SAM mask only where it overlaps YOLO's), so task
-scores and picks are exactly those of the full pipeline, and the oracle sees full-pipeline
-pre-annotations, at a fraction of the SAM cost.
+- Cold start, for each size in `SimConfig.cold_sizes` (8 and 20 annotated images): the first
+  model of a new project, with the product's defaults, and with each of toothseg's small-data
+  changes switched off in turn: the tooth super-class and the position-keeping augmentations
+  (ultralytics' mosaic, translation and scale instead) need their own training; the arch
+  geometry in the numbering, the Hungarian assignment and the mask refinement are switched off
+  at prediction time on the default model. Each is scored on the test set: STS metrics and the
+  oracle's actions per image, which say where the remaining error comes from (added: missed
+  teeth; relabeled: wrong numbers; redrawn: loose masks; deleted: extra regions).
+- Loop, per strategy: round 0 is the cold-start model of the smallest size. Each round the
+  strategy's current model pre-annotates its remaining pool, the strategy picks `per_round`
+  images by task score (most confident first: the paper; random; least confident first), the
+  oracle corrects them (its actions are counted, `training.oracle`) and the retrain job runs on
+  all labeled images (warm start, the product's warm-start length), gated as in the product.
+- Control, "no-new-labels": the same retrain job each round on the first labeled images only,
+  given as many optimizer steps as the strategies' retrains took that round.
+- Reference, "fully supervised": the whole pool and the labeled images annotated, one first
+  training with the product's defaults. A strategy's label efficiency is the cumulative oracle
+  actions of the first round whose test IA and instance Dice both reach `REFERENCE_SHARE`
+  (0.98) of the reference's, against the actions labeling the whole pool from scratch takes
+  (one per tooth).
 
-Oracle (`oracle_count`): pre-annotated regions and ground-truth teeth are matched one to one by
-`scipy.optimize.linear_sum_assignment`, maximising the summed IoU over the pairs whose IoU >
-`MATCH_IOU` (0.1); other pairs are never matched. A matched region with IoU >= `ACCEPT_IOU` (0.9)
-is accepted if its label is the tooth's, else relabeled; a matched region with a lower IoU is
-redrawn (whatever its label); a ground-truth tooth without a match is added, a region without a
-match deleted. The oracle's actions are relabeled + redrawn + added + deleted.
+Every number is reported over the seeds as min / median / max. A seed's results are kept in
+the work folder (`seed-<n>.json`), so an interrupted run resumes with the seeds it lacks.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
-import tempfile
+import statistics
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from backend.instance import Instance, mask_box
-
-if TYPE_CHECKING:
-    from backend.images import XrayImage
-    from backend.pipeline import Pipeline
-    from training.dataset import LabeledImage
-    from training.metrics import Scores
-    from training.synth import SynthSample
-    from training.train import TrainConfig
-
-MATCH_IOU = 0.1
-"""A region and a ground-truth tooth are matched only if their IoU is greater than this."""
-ACCEPT_IOU = 0.9
-"""A matched region with at least this IoU needs no redrawing."""
+from training.oracle import OracleCount, oracle_count
 
 STRATEGIES: tuple[str, ...] = ("most-confident", "random", "least-confident")
 CONTROL = "no-new-labels"
-SEED_ROUND = "seed"
+REFERENCE = "fully supervised"
+REFERENCE_SHARE = 0.98
 PRESETS: tuple[str, ...] = ("default", "smoke", "full")
 
-
-# --- the oracle ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class OracleCount:
-    """What the oracle did to turn pre-annotations into ground truth: numbers of regions, and the
-    summed IoU of the matched region-tooth pairs."""
-
-    accepted: int = 0
-    relabeled: int = 0
-    redrawn: int = 0
-    added: int = 0
-    deleted: int = 0
-    matched_iou: float = 0.0
-
-    @property
-    def actions(self) -> int:
-        """Regions the oracle had to touch: relabeled + redrawn + added + deleted."""
-        return self.relabeled + self.redrawn + self.added + self.deleted
-
-    @property
-    def mean_match_iou(self) -> float:
-        """Mean IoU of the matched pairs (0 without matches): how close the redrawn regions were."""
-        matched = self.accepted + self.relabeled + self.redrawn
-        return self.matched_iou / matched if matched else 0.0
-
-    def __add__(self, other: OracleCount) -> OracleCount:
-        return OracleCount(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+COLD_VARIANTS: dict[str, dict[str, str]] = {
+    "toothseg defaults": {},
+    "no tooth super-class": {"TRAIN_TOOTH_CLASS": "false"},
+    "mosaic, translation and scale (ultralytics' augmentation)": {"TRAIN_MOSAIC": "1.0", "TRAIN_TRANSLATE": "0.1",
+                                                                 "TRAIN_SCALE": "0.5"},
+}
+"""Cold-start variants that need their own training: TRAIN_* settings over the product's."""
+PREDICTION_VARIANTS: dict[str, dict] = {
+    "no arch geometry (class probabilities only)": {"prior_weight": 0.0},
+    "arg-max labels (no Hungarian assignment)": {"hungarian": False},
+    "no mask refinement": {"refine_masks": False},
+}
+"""Cold-start variants of the default model at prediction time: PipelineOptions fields."""
 
 
-def iou_matrix(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
-    """IoU (len(a), len(b)) of two lists of (H, W) bool masks; computed on the pair's bounding
-    boxes, 0 where the boxes do not overlap."""
-    from training.metrics import iou
+def image_score(instances) -> float:
+    """Task score of a pre-annotation: the mean confidence of its teeth (0 without teeth), as
+    `backend.model.task_score` gives Label Studio."""
+    from backend.model import task_score
 
-    boxes_a, boxes_b = [mask_box(m) for m in a], [mask_box(m) for m in b]
-    out = np.zeros((len(a), len(b)))
-    for i, (ax1, ay1, ax2, ay2) in enumerate(boxes_a):
-        for j, (bx1, by1, bx2, by2) in enumerate(boxes_b):
-            if max(ax1, bx1) < min(ax2, bx2) and max(ay1, by1) < min(ay2, by2):
-                crop = (slice(int(min(ay1, by1)), int(max(ay2, by2))), slice(int(min(ax1, bx1)), int(max(ax2, bx2))))
-                out[i, j] = iou(a[i][crop], b[j][crop])
-    return out
+    return task_score([{"score": inst.score} for inst in instances])
 
-
-def oracle_count(regions: Sequence[Instance], gt: Mapping[str, np.ndarray], match_iou: float = MATCH_IOU,
-                 accept_iou: float = ACCEPT_IOU) -> OracleCount:
-    """The oracle's work on one image: `regions` (pre-annotation; duplicate labels allowed) against
-    `gt` ({FDI label: (H, W) bool mask}; empty masks ignored). Matching rule: module docstring."""
-    from scipy.optimize import linear_sum_assignment
-
-    labels = [label for label, mask in gt.items() if mask.any()]
-    ious = iou_matrix([r.mask for r in regions], [gt[label] for label in labels])
-    ious[ious <= match_iou] = 0.0  # not a candidate pair
-    rows, cols = linear_sum_assignment(ious, maximize=True) if ious.size else ((), ())
-    matches = [(i, j) for i, j in zip(rows, cols) if ious[i, j] > match_iou]
-    close = [(i, j) for i, j in matches if ious[i, j] >= accept_iou]
-    accepted = sum(1 for i, j in close if regions[i].label == labels[j])
-    return OracleCount(accepted=accepted, relabeled=len(close) - accepted, redrawn=len(matches) - len(close),
-                       added=len(labels) - len(matches), deleted=len(regions) - len(matches),
-                       matched_iou=float(sum(ious[i, j] for i, j in matches)))
-
-
-# --- strategies ----------------------------------------------------------------------------
 
 def order_pool(scores: Mapping[str, float], strategy: str, rng: np.random.Generator) -> list[str]:
     """Pool keys in the order `strategy` labels them: "most-confident" (highest task score first),
@@ -147,469 +92,497 @@ def order_pool(scores: Mapping[str, float], strategy: str, rng: np.random.Genera
     raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
 
 
-def image_score(instances: Sequence[Instance]) -> float:
-    """Task score of a pre-annotation: the mean confidence of its teeth (0 without teeth), as
-    `backend.model.task_score` gives Label Studio."""
-    from backend.model import task_score
-
-    return task_score([{"score": inst.score} for inst in instances])
-
-
 # --- configuration -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class LoopConfig:
-    """One loop experiment. size: image (width, height) px; seed_images, pool, test: image counts;
-    per_round: images labeled per round and strategy (K); first: training of the round-0 model and
-    the ablations (from scratch); warm: training of later rounds (warm-started); sam: builder in
-    `backend.sam.SAM_BUILDERS`, random weights unless `sam_checkpoint`; val_fraction: labeled
-    images held out for ultralytics' validation (`split_train_val`); strategies: some of
-    `STRATEGIES`; min_score: the pipeline's weakest numbering probability kept; seed: data, random
-    picks and the random SAM weights."""
+class SimConfig:
+    """One simulation. size: image (width, height) px; cold_sizes: annotated images of the
+    cold-start table (the loop starts from the first); pool, test: image counts; per_round: images
+    labeled per round and strategy; rounds; strategies: some of STRATEGIES; seeds; cold_start,
+    loop: which parts run; sam / sam_checkpoint: SAM builder and weights for pre-annotations (none:
+    YOLO masks); train_env: TRAIN_* settings over the environment's (empty: the product's
+    defaults; only the smoke preset sets some, to run in seconds)."""
 
-    first: TrainConfig
-    warm: TrainConfig
-    size: tuple[int, int] = (640, 320)
-    seed_images: int = 20
-    pool: int = 20
+    size: tuple[int, int] = (2000, 1000)
+    cold_sizes: tuple[int, ...] = (8, 20)
+    pool: int = 16
     test: int = 10
-    per_round: int = 4
-    rounds: int = 3
+    per_round: int = 8
+    rounds: int = 2
     strategies: tuple[str, ...] = STRATEGIES
-    sam: str = "vit_tiny"
-    sam_checkpoint: Path | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    cold_start: bool = True
+    loop: bool = True
     device: str = "cpu"
-    val_fraction: float = 0.15
-    min_score: float = 0.25
-    seed: int = 0
+    sam: str = "vit_b"
+    sam_checkpoint: Path | None = None
+    train_env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.strategies) - set(STRATEGIES)
         if unknown or not self.strategies:
             raise ValueError(f"strategies must be some of {', '.join(STRATEGIES)}, got {self.strategies}")
-        if min(self.seed_images - 1, self.test, self.per_round, self.rounds, self.first.epochs, self.warm.epochs) < 1:
-            raise ValueError("need at least 2 seed images, 1 test image, 1 image per round, 1 round and 1 epoch")
-        if self.rounds * self.per_round > self.pool:
+        if not self.cold_sizes or min(self.cold_sizes) < 2 or self.test < 1 or not self.seeds:
+            raise ValueError("need at least 2 labeled images, 1 test image and 1 seed")
+        if self.loop and self.rounds * self.per_round > self.pool:
             raise ValueError(f"{self.rounds} rounds of {self.per_round} images need a pool of at least "
                              f"{self.rounds * self.per_round}, got {self.pool}")
 
+    @property
+    def labeled(self) -> int:
+        return max(self.cold_sizes)
 
-def preset(name: str, device: str = "cpu") -> LoopConfig:
-    """A named LoopConfig. "default": about 20 min on 2 CPU cores (640x320 images at imgsz 320,
-    80 epochs from scratch with lr0 0.02 and no mosaic, 10 warm epochs, 3 rounds of 4 from a pool
-    of 20, 10 test images, vit_tiny SAM); "smoke": a 1-epoch run of tiny images (under a minute);
-    "full": the paper's protocol for a GPU (SGD, lr0 1e-3, batch 10, 100 epochs per round,
-    2048x1024 images at imgsz 1024, vit_b SAM, 4 rounds of 20 from a pool of 200, 50 test images)."""
-    from training.train import TrainConfig
 
+def preset(name: str, device: str = "cpu") -> SimConfig:
+    """A named SimConfig. "default": the product's training defaults on 2000x1000 images, cold
+    start from 8 and 20 images, 2 rounds of 8 from a pool of 16, 10 test images, 3 seeds (hours on
+    2 CPU cores: each training takes the product's time budget). "smoke": a mechanics check in
+    about a minute (tiny images and a few training steps: not the product's defaults). "full": the
+    paper's training preset for a GPU, 2048x1024 images, 4 rounds of 20 from a pool of 200."""
     if name == "default":
-        scratch = TrainConfig(epochs=80, batch=4, imgsz=320, lr0=0.02, mosaic=0.0, device=device)
-        return LoopConfig(first=scratch, warm=replace(scratch, epochs=10, warmup_epochs=0.0), device=device)
+        return SimConfig(device=device)
     if name == "smoke":
-        tiny = TrainConfig(epochs=1, batch=4, imgsz=160, lr0=0.02, mosaic=0.0, warmup_epochs=0.0, device=device)
-        return LoopConfig(first=tiny, warm=tiny, size=(320, 160), seed_images=4, pool=4, test=2, per_round=2,
-                          rounds=2, device=device)
+        tiny = (("TRAIN_STEPS", "4"), ("TRAIN_WARM_STEPS", "2"), ("TRAIN_IMGSZ", "160"), ("TRAIN_WARMUP_STEPS", "0"),
+                ("TRAIN_TIME_BUDGET", "0"), ("TRAIN_VAL_STEPS", "2"))
+        return SimConfig(size=(320, 160), cold_sizes=(4,), pool=4, test=2, per_round=2, rounds=1, seeds=(0,),
+                         device=device, train_env=tiny)
     if name == "full":
-        paper = TrainConfig(imgsz=1024, workers=8, device=device)
-        return LoopConfig(first=paper, warm=paper, size=(2048, 1024), pool=200, test=50, per_round=20, rounds=4,
-                          sam="vit_b", device=device)
+        return SimConfig(size=(2048, 1024), cold_sizes=(20, 50), pool=200, test=50, per_round=20, rounds=4,
+                         device=device, train_env=(("TRAIN_PRESET", "paper"), ("TRAIN_IMGSZ", "1024")))
     raise ValueError(f"unknown preset {name!r} (one of {', '.join(PRESETS)})")
 
 
 # --- records -------------------------------------------------------------------------------
 
 @dataclass
+class TestResult:
+    """A model's figures on the test set: STS metrics (means) and the oracle's work per image."""
+
+    ia: float
+    instance_dice: float
+    instance_nsd: float
+    image_dice: float
+    oracle: dict[str, float]  # accepted, relabeled, redrawn, added, deleted, actions: per image
+
+    @classmethod
+    def empty(cls, teeth_per_image: float) -> "TestResult":
+        """No model: every tooth drawn by hand."""
+        return cls(0.0, 0.0, 0.0, 0.0, {"accepted": 0.0, "relabeled": 0.0, "redrawn": 0.0,
+                                       "added": teeth_per_image, "deleted": 0.0, "actions": teeth_per_image})
+
+
+@dataclass
+class TrainRecord:
+    """One run of the retrain job: whether it promoted, its seconds and optimizer steps, and the
+    test figures of the model the project serves afterwards (the candidate's if it was rejected
+    are in `candidate`)."""
+
+    name: str
+    labeled: int
+    promoted: bool
+    seconds: float
+    steps: int
+    stopped_by: str
+    served: TestResult
+    candidate: TestResult
+    reason: str = ""
+
+
+@dataclass
 class RoundRecord:
-    """One round of one strategy: the images labeled so far, the oracle's work on this round's
-    picks (summed over them), the retrained model's test scores and its training time."""
+    """One round of one strategy (round 0: the cold-start model): the oracle's work on the round's
+    picks (summed), the cumulative actions, and the retrain job's record."""
 
     round: int
     strategy: str
-    labeled: int
-    picked: tuple[str, ...]
-    oracle: OracleCount
-    cumulative_actions: int
-    scores: Scores
-    train_seconds: float
-
-    @property
-    def actions_per_image(self) -> float:
-        return self.oracle.actions / len(self.picked) if self.picked else 0.0
+    picked: list[str]
+    oracle: dict[str, float]
+    cumulative_actions: float
+    train: TrainRecord
 
 
 @dataclass
-class AblationRecord:
-    """One variant of the paper's method on the seed images: its switches, test scores and the
-    seconds of its extra training (None: the paper's model, no extra training)."""
+class SeedResult:
+    """Everything one seed produced."""
 
-    name: str
-    proto_stride: int
-    large_box_alpha: float
-    hungarian: bool
-    use_sam: bool
-    scores: Scores
-    train_seconds: float | None
-    note: str = ""
-
-
-@dataclass
-class LoopResult:
-    """All rounds (round 0 once, as strategy "seed"), the control, the ablations, the run's seconds,
-    and by kind of work (`WORK_KINDS`) the units done and the seconds they took."""
-
-    config: LoopConfig
+    seed: int
+    pool_teeth: int
+    cold: list[TrainRecord] = field(default_factory=list)
     rounds: list[RoundRecord] = field(default_factory=list)
-    ablations: list[AblationRecord] = field(default_factory=list)
+    reference: TrainRecord | None = None
     seconds: float = 0.0
-    work: dict[str, float] = field(default_factory=dict)
-    work_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def baseline(self) -> RoundRecord:
-        return next(r for r in self.rounds if r.strategy == SEED_ROUND)
 
     def curve(self, strategy: str) -> list[RoundRecord]:
-        """Round 0, then `strategy`'s rounds in order."""
-        return [self.baseline] + [r for r in self.rounds if r.strategy == strategy]
+        return [r for r in self.rounds if r.strategy == strategy or r.round == 0]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SeedResult":
+        raw = json.loads(text)
+
+        def record(d):
+            return TrainRecord(**{**d, "served": TestResult(**d["served"]),
+                                  "candidate": TestResult(**d["candidate"])})
+
+        return cls(seed=raw["seed"], pool_teeth=raw["pool_teeth"], cold=[record(d) for d in raw["cold"]],
+                   rounds=[RoundRecord(**{**r, "train": record(r["train"])}) for r in raw["rounds"]],
+                   reference=record(raw["reference"]) if raw["reference"] else None, seconds=raw["seconds"])
 
 
-# --- progress and time estimate ------------------------------------------------------------
+# --- one seed ------------------------------------------------------------------------------
 
-WORK_KINDS = ("train", "sam", "plain")
-"""Units of work: training image-epochs; images through the pipeline with SAM; without SAM."""
+class SimProject:
+    """A seed's synthetic images as Label Studio tasks on local files, and the retrain job on them.
 
+    Keys: lab000... (labeled), pool000..., test000...; task ids grow in that order (labeled first),
+    as Label Studio's do as a project grows. Projects are registry ids: each strategy, the control,
+    the reference and each cold-start variant trains its own."""
 
-def planned_work(config: LoopConfig) -> dict[str, float]:
-    """Units of each kind of work `run_loop` does with `config`."""
-    s, k, n0 = len(config.strategies), config.per_round, config.seed_images
-    train = 3 * n0 * config.first.epochs  # round 0, stock Proto, ultralytics' loss
-    train += sum((s * (n0 + r * k) + n0) * config.warm.epochs for r in range(1, config.rounds + 1))
-    evaluations = 4 + (s + 1) * config.rounds  # round 0, arg-max, 2 ablation models, strategies, control
-    plain = config.test + s * sum(config.pool - (r - 1) * k for r in range(1, config.rounds + 1))
-    return {"train": float(train), "sam": float(evaluations * config.test + s * config.rounds * k),
-            "plain": float(plain)}
+    def __init__(self, config: SimConfig, seed: int, work: Path, log: Callable[[str], None]):
+        import cv2
 
+        from backend.formats import find_target
+        from backend.label_config import render_label_config
+        from training.synth import generate, label_studio_result, sample_seed
 
-class Progress:
-    """Prints each step with the elapsed time and, once every kind of work has been measured, an
-    estimate of the time left (measured seconds per unit times the units left)."""
-
-    def __init__(self, planned: dict[str, float], log: Callable[[str], None] = print):
-        self.planned = planned
-        self.done = dict.fromkeys(WORK_KINDS, 0.0)
-        self.seconds = dict.fromkeys(WORK_KINDS, 0.0)
-        self.log = log
-        self.start = time.perf_counter()
-
-    def record(self, kind: str, units: float, seconds: float) -> None:
-        self.done[kind] += units
-        self.seconds[kind] += seconds
-
-    def left(self) -> float | None:
-        """Estimated seconds left; None while a kind of work with units left is not measured yet."""
-        total = 0.0
-        for kind in WORK_KINDS:
-            remaining = max(self.planned[kind] - self.done[kind], 0.0)
-            if remaining and not self.done[kind]:
-                return None
-            total += remaining * self.seconds[kind] / self.done[kind] if remaining else 0.0
-        return total
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def say(self, message: str) -> None:
-        left = self.left()
-        estimate = f", ~{_clock(left)} left" if left is not None else ""
-        self.log(f"[{_clock(self.elapsed())} elapsed{estimate}] {message}")
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
-
-
-# --- the experiment ------------------------------------------------------------------------
-
-class LoopData:
-    """A run's synthetic images: `keys` by part ("seed", "pool", "test": seed000, pool000, test000,
-    ...), `samples` by key, drawn in that order with `synth.sample_seed(config.seed, i)`."""
-
-    def __init__(self, config: LoopConfig):
-        from training.synth import generate, sample_seed
-
-        counts = {"seed": config.seed_images, "pool": config.pool, "test": config.test}
+        self.config, self.seed, self.work, self.log = config, seed, work, log
+        self.target = find_target(render_label_config())
+        counts = {"lab": config.labeled, "pool": config.pool if config.loop else 0, "test": config.test}
         self.keys: dict[str, list[str]] = {}
-        self.samples: dict[str, SynthSample] = {}
+        self.samples = {}
+        self.task_ids: dict[str, int] = {}
+        files = work / "files"
+        files.mkdir(parents=True, exist_ok=True)
         index = 0
         for part, n in counts.items():
             self.keys[part] = [f"{part}{i:03d}" for i in range(n)]
             for key in self.keys[part]:
-                self.samples[key] = generate(sample_seed(config.seed, index), config.size)
+                sample = generate(sample_seed(seed, index), config.size)
+                self.samples[key] = sample
+                self.task_ids[key] = index + 1
+                cv2.imwrite(str(files / f"{key}.png"), sample.image)
                 index += 1
+        self.results = {key: label_studio_result(self.samples[key].masks(), self.target) for key in self.samples}
+        env = {**os.environ, **dict(config.train_env), "MODEL_DIR": str(work / "models"),
+               "LOCAL_FILES_DOCUMENT_ROOT": str(work), "LABEL_STUDIO_URL": "", "DEVICE": config.device}
+        from backend.settings import Settings
+        from training.train import TrainConfig
 
-    def item(self, key: str) -> LabeledImage:
-        """The image `key` with its ground-truth masks."""
+        self.settings = Settings.from_env(env)
+        self.env = env
+        self.config_for = lambda extra: TrainConfig.from_env({**env, **extra}, device=config.device)
+        self.test_items = [self.item(key) for key in self.keys["test"]]
+        self.refiner = self._refiner()
+
+    def _refiner(self):
+        if self.config.sam_checkpoint is None:
+            return None
+        from backend.sam import EmbeddingCache, SamRefiner, build_sam, file_identity
+
+        sam = build_sam(self.config.sam, self.config.sam_checkpoint, self.config.device)
+        return SamRefiner(sam, f"{self.config.sam}-{file_identity(self.config.sam_checkpoint)}",
+                          EmbeddingCache(len(self.samples)), self.settings.sam_batch_size,
+                          self.settings.sam_min_iou, self.settings.sam_min_agreement)
+
+    def item(self, key: str):
         from training.dataset import LabeledImage
 
         return LabeledImage(key, self.samples[key].image, self.samples[key].masks())
 
+    def teeth(self, keys: Sequence[str]) -> int:
+        return sum(len(self.samples[key].polygons) for key in keys)
 
-def _xray(pixels: np.ndarray, key: str) -> XrayImage:
-    from backend.images import XrayImage, pixel_hash
+    def exported(self, keys: Sequence[str]):
+        """The export the retrain job would get: `keys` annotated with their ground truth."""
+        from training.export import AnnotatedTask
+        from training.jobs import Exported
 
-    return XrayImage(pixels, pixel_hash(pixels), key)
+        def url(key: str) -> str:
+            return f"/data/local-files/?d=files/{key}.png"
 
+        tasks = [AnnotatedTask(task_id=self.task_ids[k], data={self.target.value_key: url(k)},
+                               annotation_id=self.task_ids[k], updated_at="2026-01-01T00:00:00+00:00",
+                               ground_truth=True, result=self.results[k]) for k in keys]
+        return Exported(self.target, sorted(tasks, key=lambda t: t.task_id), [])
 
-class _Runner:
-    """Trains, pre-annotates and scores for `run_loop`, timing each step in `progress`."""
+    def pipeline(self, project: int, **options):
+        from backend.detector import Detector
+        from backend.pipeline import Pipeline, PipelineOptions
+        from backend.registry import Registry
 
-    def __init__(self, config: LoopConfig, data: LoopData, work: Path, progress: Progress, show_bars: bool):
-        from backend.sam import EmbeddingCache, SamRefiner, build_sam
+        current = Registry(self.settings.model_dir).current(project)
+        if current is None:
+            return None
+        opts = PipelineOptions.from_settings(self.settings, use_sam=self.refiner is not None, **options)
+        return Pipeline(Detector.load(current.weights, device=self.config.device,
+                                      conf=self.settings.detector_conf), self.refiner, opts)
 
-        self.config, self.data, self.work, self.progress, self.show_bars = config, data, work, progress, show_bars
-        self.test = [data.item(key) for key in data.keys["test"]]
-        sam = build_sam(config.sam, config.sam_checkpoint, config.device)
-        cache = EmbeddingCache(capacity=config.test + config.pool)
-        self.refiner = SamRefiner(sam, f"{config.sam}-simulation", cache, batch_size=4)
+    def run(self, project: int, name: str, keys: Sequence[str], extra_env: Mapping[str, str] | None = None,
+            overrides: Mapping | None = None) -> TrainRecord:
+        """The retrain job for `project` on `keys`, then the test figures of what it serves."""
+        from backend.registry import Registry
+        from training.jobs import Progress, run_round
 
-    def train(self, name: str, keys: Sequence[str], config: TrainConfig, warm_start: Path | None) -> tuple[Path, float]:
-        """Train on the images `keys` (split into train/val by key); returns (best weights, seconds)."""
-        from tqdm import tqdm
+        config = self.config_for(dict(extra_env or {}))
+        if overrides:
+            config = replace(config, **overrides)
+        self.log(f"  {name}: retrain job on {len(keys)} annotated images (project {project})")
+        report = Progress(str(project), config.time_budget * 60)
+        summary = run_round(str(project), self.settings, self.exported(keys), f"sim-{project}-{len(keys)}", config,
+                            report)
+        registry = Registry(self.settings.model_dir)
+        meta = registry.get(project, summary["version"]).meta
+        served = self.score(project)
+        candidate = served if summary["status"] == "promoted" else self.score_weights(
+            registry.get(project, summary["version"]).weights)
+        record = TrainRecord(name, len(keys), summary["status"] == "promoted", summary["seconds"],
+                             int(meta.get("steps_run") or 0), str(meta.get("stopped_by") or ""), served, candidate,
+                             summary["reason"])
+        self.log(f"  {name}: {'promoted' if record.promoted else 'not promoted'} after {record.seconds:.0f} s "
+                 f"({record.steps} steps, {record.stopped_by}); test IA {candidate.ia:.3f}, instance Dice "
+                 f"{candidate.instance_dice:.3f}, {candidate.oracle['actions']:.1f} actions/image")
+        return record
 
-        from backend.preprocess import pixel_statistics
-        from training.dataset import split_train_val, write_yolo_dataset
-        from training.train import train_model
+    def score(self, project: int, **options) -> TestResult:
+        """Test figures of the model `project` serves (nothing served: every tooth drawn)."""
+        pipeline = self.pipeline(project, **options)
+        if pipeline is None:
+            return TestResult.empty(self.teeth(self.keys["test"]) / len(self.keys["test"]))
+        return self._score(pipeline)
 
-        start = time.perf_counter()
-        items = {key: self.data.item(key) for key in keys}
-        train_keys, val_keys = split_train_val(list(keys), self.config.val_fraction)
-        folder = self.work / name
-        data_yaml = write_yolo_dataset([items[k] for k in train_keys], [items[k] for k in val_keys],
-                                       folder / "dataset")
-        mean, std = pixel_statistics([items[k].pixels for k in train_keys])
-        with tqdm(total=config.epochs, desc=f"  {name}", unit="epoch", leave=False,
-                  disable=not self.show_bars) as bar:
-            result = train_model(data_yaml, folder / "run", config, mean, std, warm_start,
-                                 on_epoch=lambda epoch, epochs, metrics: bar.update(epoch - bar.n))
-        seconds = time.perf_counter() - start
-        self.progress.record("train", len(keys) * config.epochs, seconds)
-        return result.weights, seconds
-
-    def pipeline(self, weights: Path, hungarian: bool = True, use_sam: bool = True) -> Pipeline:
+    def score_weights(self, weights: Path) -> TestResult:
         from backend.detector import Detector
         from backend.pipeline import Pipeline, PipelineOptions
 
-        options = PipelineOptions(min_score=self.config.min_score, hungarian=hungarian, use_sam=use_sam)
-        return Pipeline(Detector.load(weights, device=self.config.device), self.refiner, options)
+        opts = PipelineOptions.from_settings(self.settings, use_sam=self.refiner is not None)
+        return self._score(Pipeline(Detector.load(weights, device=self.config.device,
+                                                  conf=self.settings.detector_conf), self.refiner, opts))
 
-    def evaluate(self, pipeline: Pipeline) -> Scores:
-        """Mean STS scores of `pipeline` on the test set ("sts" NSD)."""
-        from training.evaluate import score_pipeline
+    def _score(self, pipeline) -> TestResult:
+        from backend.images import XrayImage, pixel_hash
+        from training.metrics import mean_scores, score_image
 
-        start = time.perf_counter()
-        scores = score_pipeline(pipeline, self.test, nsd="sts")
-        self.progress.record("sam" if pipeline.options.use_sam else "plain", len(self.test),
-                             time.perf_counter() - start)
-        return scores
+        scores, count = [], OracleCount()
+        for item in self.test_items:
+            instances = pipeline.run(XrayImage(item.pixels, pixel_hash(item.pixels), item.key))
+            scores.append(score_image({i.label: i.mask for i in instances}, item.masks))
+            count = count + oracle_count(instances, item.masks)
+        s, n = mean_scores(scores), len(self.test_items)
+        return TestResult(s.ia, s.instance_dice, s.instance_nsd, s.image_dice, per_image(count, n))
 
-    def label_round(self, weights: Path, pool: Sequence[str], strategy: str, rng: np.random.Generator
-                    ) -> tuple[list[str], OracleCount]:
-        """Score `pool` with the model, pick this round's images by `strategy`, pre-annotate them with
-        the full pipeline and count the oracle's corrections; returns (picked keys, summed counts)."""
-        from backend.pipeline import Pipeline
+    def label(self, project: int, pool: Sequence[str], strategy: str, rng: np.random.Generator
+              ) -> tuple[list[str], OracleCount]:
+        """Pre-annotate `pool` with the project's model, pick this round's images by `strategy` and
+        count the oracle's corrections of their pre-annotations."""
+        from backend.images import XrayImage, pixel_hash
 
-        start = time.perf_counter()
-        full = self.pipeline(weights)
-        plain = Pipeline(full.detector, None, replace(full.options, use_sam=False))
-        scores = {key: image_score(plain.run(_xray(self.data.samples[key].image, key))) for key in pool}
-        self.progress.record("plain", len(pool), time.perf_counter() - start)
+        pipeline = self.pipeline(project)
+        predictions = {}
+        for key in pool:
+            pixels = self.samples[key].image
+            predictions[key] = pipeline.run(XrayImage(pixels, pixel_hash(pixels), key)) if pipeline else []
+        scores = {k: image_score(v) for k, v in predictions.items()}
         picked = order_pool(scores, strategy, rng)[:self.config.per_round]
-        start = time.perf_counter()
         count = OracleCount()
         for key in picked:
-            sample = self.data.samples[key]
-            count += oracle_count(full.run(_xray(sample.image, key)), sample.masks())
-        self.progress.record("sam", len(picked), time.perf_counter() - start)
+            count = count + oracle_count(predictions[key], self.samples[key].masks())
         return picked, count
 
+    def copy_current(self, source: int, target: int) -> None:
+        """Start `target` from `source`'s current model (a version stored and promoted as it was);
+        without one, `target` starts without a model too."""
+        from backend.registry import Registry
+        from training.promotion import promote, store_version
 
-def run_loop(config: LoopConfig, work: Path, log: Callable[[str], None] = print, show_bars: bool = True) -> LoopResult:
-    """Run the loop experiment, its control and the ablations (module docstring); training runs
-    and datasets go under `work`."""
-    import torch
+        registry = Registry(self.settings.model_dir)
+        current = registry.current(source)
+        if current is None:
+            return
+        version = store_version(registry, target, current.weights, {**current.meta, "version": None},
+                                json.loads((current.path / "manifest.json").read_text()))
+        promote(registry, target, version.version, f"round 0: project {source}'s {current.version}")
 
+
+def per_image(count: OracleCount, images: int) -> dict[str, float]:
+    """An OracleCount summed over `images` images, per image, with the actions."""
+    values = {name: getattr(count, name) / images for name in ("accepted", "relabeled", "redrawn", "added", "deleted")}
+    return values | {"actions": count.actions / images}
+
+
+COLD_PROJECT, LOOP_PROJECT, CONTROL_PROJECT, REFERENCE_PROJECT = 100, 200, 299, 300
+ORACLE_COLUMNS = ("actions", "added", "relabeled", "redrawn", "deleted")
+
+
+def run_seed(config: SimConfig, seed: int, work: Path, log: Callable[[str], None] = print) -> SeedResult:
+    """The cold-start table, the loop, its control and the reference for one seed."""
     from backend.runtime import set_torch_threads
 
-    set_torch_threads(config.first.threads)
-    torch.manual_seed(config.seed)  # the random SAM weights
-    progress = Progress(planned_work(config), log)
-    result = LoopResult(config)
-    data = LoopData(config)
-    runner = _Runner(config, data, Path(work), progress, show_bars)
-    seed_keys = data.keys["seed"]
-    n0, k = config.seed_images, config.per_round
-    progress.say(f"{len(data.samples)} synthetic images {config.size[0]}x{config.size[1]}; training the round-0 "
-                 f"model on {n0} images ({config.first.epochs} epochs)")
-    first, first_seconds = runner.train("round0", seed_keys, config.first, None)
-    baseline = runner.evaluate(runner.pipeline(first))
-    result.rounds.append(RoundRecord(0, SEED_ROUND, n0, (), OracleCount(), 0, baseline, first_seconds))
-    progress.say(f"round 0: IA {baseline.ia:.3f}, instance Dice {baseline.instance_dice:.3f}; ablations of the "
-                 "pipeline (same model)")
-    paper = config.first
-    ablations = [AblationRecord(f"paper: proto stride {paper.proto_stride}, large-box alpha "
-                                f"{paper.large_box_alpha:g}, Hungarian, SAM", paper.proto_stride,
-                                paper.large_box_alpha, True, True, baseline, None, "round 0's model")]
-    ablations.append(AblationRecord("arg-max labels instead of Hungarian numbering", paper.proto_stride,
-                                    paper.large_box_alpha, False, True,
-                                    runner.evaluate(runner.pipeline(first, hungarian=False)), None, "same model"))
-    sam_note = "same model; SAM has random weights: checks the mechanics only" if config.sam_checkpoint is None \
-        else "same model"
-    ablations.append(AblationRecord("no SAM refinement (YOLO masks)", paper.proto_stride, paper.large_box_alpha,
-                                    True, False, runner.evaluate(runner.pipeline(first, use_sam=False)), None,
-                                    sam_note))
-    progress.say(f"estimate for the whole run: {_clock(progress.elapsed() + (progress.left() or 0.0))} "
-                 "(measured rates times the work left)")
-
-    chains = {name: (first, list(seed_keys), 0) for name in (*config.strategies, CONTROL)}
-    pools = {name: list(data.keys["pool"]) for name in config.strategies}
-    for r in range(1, config.rounds + 1):
-        for name in (*config.strategies, CONTROL):
-            weights, labeled, actions = chains[name]
-            picked: list[str] = []
-            count = OracleCount()
-            if name != CONTROL:
-                progress.say(f"round {r}/{config.rounds} {name}: pre-annotating {len(pools[name])} pool images, "
-                             f"picking {k}")
-                picked, count = runner.label_round(weights, pools[name], name,
-                                                   np.random.default_rng([config.seed, r]))
-                pools[name] = [key for key in pools[name] if key not in picked]
-            labeled = labeled + picked
-            progress.say(f"round {r}/{config.rounds} {name}: {count.actions} oracle actions; training on "
-                         f"{len(labeled)} images ({config.warm.epochs} epochs, warm start)")
-            weights, seconds = runner.train(f"{name}-round{r}", labeled, config.warm, weights)
-            scores = runner.evaluate(runner.pipeline(weights))
-            actions += count.actions
-            chains[name] = (weights, labeled, actions)
-            result.rounds.append(RoundRecord(r, name, len(labeled), tuple(picked), count, actions, scores, seconds))
-            progress.say(f"round {r}/{config.rounds} {name}: IA {scores.ia:.3f}, instance Dice "
-                         f"{scores.instance_dice:.3f}")
-
-    for name, changed in (("stock Proto (proto stride 4)", {"proto_stride": 4}),
-                          ("ultralytics' loss (large-box alpha 0)", {"large_box_alpha": 0.0})):
-        progress.say(f"ablation: {name}, {n0} images, {paper.epochs} epochs from scratch")
-        variant = replace(paper, **changed)
-        weights, seconds = runner.train(f"ablation-{'-'.join(changed)}", seed_keys, variant, None)
-        ablations.append(AblationRecord(name, variant.proto_stride, variant.large_box_alpha, True, True,
-                                        runner.evaluate(runner.pipeline(weights)), seconds, "trained like round 0"))
-    result.ablations = ablations
-    result.seconds = progress.elapsed()
-    result.work, result.work_seconds = dict(progress.done), dict(progress.seconds)
-    progress.say("done")
+    set_torch_threads(0)
+    start = time.perf_counter()
+    work = Path(work).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    sim = SimProject(config, seed, work, log)
+    result = SeedResult(seed, sim.teeth(sim.keys["pool"]))
+    labeled = sim.keys["lab"]
+    n0 = config.cold_sizes[0]
+    round0: TrainRecord | None = None
+    project = COLD_PROJECT
+    for n in config.cold_sizes:
+        for variant, env in COLD_VARIANTS.items():
+            if not config.cold_start and (n != n0 or env):
+                continue
+            project += 1
+            log(f"seed {seed}: cold start from {n} images, {variant}")
+            record = sim.run(project, f"{n} images, {variant}", labeled[:n], env)
+            result.cold.append(record)
+            if not env:
+                if n == n0:
+                    round0 = record
+                    loop_source = project
+                for name, options in PREDICTION_VARIANTS.items() if config.cold_start else ():
+                    served = sim.score(project, **options)
+                    result.cold.append(replace(record, name=f"{n} images, {name}", served=served, candidate=served))
+    if config.loop:
+        result.rounds.append(RoundRecord(0, "seed", [], {}, 0.0, round0))
+        names = [*config.strategies, CONTROL]
+        projects = {name: LOOP_PROJECT + i for i, name in enumerate(config.strategies)} | {CONTROL: CONTROL_PROJECT}
+        for name in names:
+            sim.copy_current(loop_source, projects[name])
+        state = {name: (list(labeled[:n0]), list(sim.keys["pool"]), 0.0) for name in names}
+        for r in range(1, config.rounds + 1):
+            steps = []
+            for name in config.strategies:
+                keys, pool, actions = state[name]
+                log(f"seed {seed}: round {r}/{config.rounds} {name}: pre-annotating {len(pool)} pool images")
+                picked, count = sim.label(projects[name], pool, name, np.random.default_rng([seed, r]))
+                keys, pool = keys + picked, [k for k in pool if k not in picked]
+                actions += count.actions
+                record = sim.run(projects[name], f"round {r} {name}", keys)
+                steps.append(record.steps)
+                state[name] = (keys, pool, actions)
+                result.rounds.append(RoundRecord(r, name, picked, per_image(count, len(picked)), actions, record))
+            keys = state[CONTROL][0]
+            same = int(round(statistics.mean(steps)))
+            log(f"seed {seed}: round {r}/{config.rounds} {CONTROL}: {same} steps, no new labels")
+            record = sim.run(CONTROL_PROJECT, f"round {r} {CONTROL}", keys,
+                             overrides={"steps": same, "warm_steps": same, "time_budget": 0.0})
+            result.rounds.append(RoundRecord(r, CONTROL, [], {}, 0.0, record))
+        log(f"seed {seed}: {REFERENCE}: {n0 + config.pool} images annotated")
+        result.reference = sim.run(REFERENCE_PROJECT, REFERENCE, list(labeled[:n0]) + list(sim.keys["pool"]))
+    result.seconds = time.perf_counter() - start
     return result
 
 
-# --- report --------------------------------------------------------------------------------
+# --- summary over seeds ----------------------------------------------------------------------
 
-def summary(result: LoopResult) -> list[str]:
-    """One line per strategy: final test IA and instance Dice against round 0 and the control, gain
-    per 100 oracle actions; "beats the baseline" when the final primary score (mean of IA and
-    instance Dice) is above round 0's."""
-    base = result.baseline.scores
-    control = result.curve(CONTROL)[-1].scores
-    lines = []
-    for name in result.config.strategies:
-        last = result.curve(name)[-1]
-        s, per = last.scores, 100.0 / max(last.cumulative_actions, 1)
-        verdict = "beats" if s.primary > base.primary else "does not beat"
-        lines.append(
-            f"{name}: {verdict} the {result.baseline.labeled}-image baseline after {last.labeled} images and "
-            f"{last.cumulative_actions} oracle actions: IA {base.ia:.3f} -> {s.ia:.3f} "
-            f"({(s.ia - base.ia) * per:+.3f} per 100 actions), instance Dice {base.instance_dice:.3f} -> "
-            f"{s.instance_dice:.3f} ({(s.instance_dice - base.instance_dice) * per:+.3f} per 100 actions); "
-            f"{CONTROL} control (same training, no new labels): IA {control.ia:.3f}, instance Dice "
-            f"{control.instance_dice:.3f}")
-    return lines
+def spread(values: Sequence[float | None], fmt: str = "{:.3f}") -> str:
+    """"median (min-max)" of the values (None: not reached, counted in a note)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "not reached"
+    text = fmt.format(statistics.median(known))
+    if len(known) > 1:
+        text += f" ({fmt.format(min(known))}-{fmt.format(max(known))})"
+    if len(known) < len(values):
+        text += f", {len(values) - len(known)} of {len(values)} not reached"
+    return text
 
 
-def _rate(result: LoopResult, kind: str) -> str:
-    """"N (X s each)": units of work of `kind` done and the seconds per unit."""
-    units = result.work[kind]
-    return f"{units:.0f} ({result.work_seconds[kind] / units if units else 0.0:.2f} s each)"
+def actions_to_reach(seed: SeedResult, strategy: str) -> float | None:
+    """Cumulative oracle actions of the strategy's first round whose test IA and instance Dice reach
+    REFERENCE_SHARE of the reference's (None: not within the rounds run)."""
+    ref = seed.reference.served
+    for r in seed.curve(strategy):
+        s = r.train.served
+        if s.ia >= REFERENCE_SHARE * ref.ia and s.instance_dice >= REFERENCE_SHARE * ref.instance_dice:
+            return r.cumulative_actions
+    return None
 
 
-def _metrics(s: Scores) -> str:
-    return " | ".join(f"{v:.3f}" for v in (s.image_dice, s.image_iou, s.image_nsd, s.instance_dice, s.instance_iou,
-                                            s.instance_nsd, s.ia))
+def format_report(config: SimConfig, results: Sequence[SeedResult], command: str, machine: str | None = None,
+                  plot: str | None = None) -> str:
+    """The markdown report (module docstring): setup, cold start, loop, label efficiency."""
+    from training.train import TrainConfig
 
-
-METRIC_HEADER = "img Dice | img IoU | img NSD | inst Dice | inst IoU | inst NSD | IA"
-
-
-def format_report(result: LoopResult, command: str, machine: str | None = None, plot: str | None = None) -> str:
-    """The markdown report: command, machine, setup, per-round table, ablation table, summary."""
-    c = result.config
-    sam = f"{c.sam}, {'random weights' if c.sam_checkpoint is None else c.sam_checkpoint.name}"
-
-    def training(t: TrainConfig) -> str:
-        return (f"{t.epochs} epochs, {t.optimizer} lr0 {t.lr0:g}, batch {t.batch}, mosaic {t.mosaic:g}, "
-                f"warm-up {t.warmup_epochs:g} epochs")
-
-    lines = ["# Label efficiency of the annotation loop (simulated oracle)", "", f"Command: `{command}`"]
+    train = TrainConfig.from_env({**os.environ, **dict(config.train_env)}, device=config.device)
+    seeds = ", ".join(str(r.seed) for r in results)
+    lines = ["# Cold start and label efficiency of the annotation loop (simulated oracle)", "",
+             f"Command: `{command}`"]
     if machine:
         lines.append(f"Machine: {machine}")
-    lines += [
-        f"Run time: {result.seconds / 60:.1f} min: {_rate(result, 'train')} training image-epochs, "
-        f"{_rate(result, 'sam')} images through detector + SAM (test images scored included), "
-        f"{_rate(result, 'plain')} images through the detector alone.", "",
-        f"Data: synthetic panoramics {c.size[0]}x{c.size[1]} (seed {c.seed}): {c.seed_images} labeled seed images, "
-        f"a pool of {c.pool}, a held-out test set of {c.test}; {c.per_round} images labeled per round and strategy, "
-        f"{c.rounds} rounds. YOLOv8n-seg at imgsz {c.first.imgsz} on {c.device}, proto stride "
-        f"{c.first.proto_stride}, large-box alpha {c.first.large_box_alpha:g}, {c.val_fraction:.0%} of the labeled "
-        f"images held out for validation. Round 0 from scratch: {training(c.first)}. Later rounds warm-started from "
-        f"the previous round: {training(c.warm)}. Pipeline: detector, Hungarian numbering, SAM ({sam}), teeth "
-        f"below {c.min_score:g} confidence dropped; the pool is ordered by task score (mean tooth confidence).",
-        "",
-        f"Oracle: regions and ground-truth teeth matched one to one by linear_sum_assignment on IoU (a match needs "
-        f"IoU > {MATCH_IOU:g}); accepted: IoU >= {ACCEPT_IOU:g} and the right label; relabeled: IoU >= "
-        f"{ACCEPT_IOU:g}, wrong label; redrawn: matched with IoU < {ACCEPT_IOU:g}; added: a tooth without a "
-        "region; deleted: a region without a tooth. Actions = relabeled + redrawn + added + deleted. Counts are per "
-        "image labeled in the round, match IoU the mean IoU of the matched pairs; scores are the test set's "
-        "(STS 2024 metrics, \"sts\" NSD).",
-        "",
-        "## Per round",
-        "",
-        f"| round | strategy | labeled | actions/img | relabeled | redrawn | added | deleted | accepted | "
-        f"match IoU | cum. actions | {METRIC_HEADER} | train s |",
-        "|" + "---|" * 19,
-    ]
-    for r in result.rounds:
-        n = max(len(r.picked), 1)
-        o = r.oracle
-        lines.append(f"| {r.round} | {r.strategy} | {r.labeled} | {r.actions_per_image:.1f} | "
-                     f"{o.relabeled / n:.1f} | {o.redrawn / n:.1f} | {o.added / n:.1f} | {o.deleted / n:.1f} | "
-                     f"{o.accepted / n:.1f} | {o.mean_match_iou:.2f} | {r.cumulative_actions} | "
-                     f"{_metrics(r.scores)} | {r.train_seconds:.0f} |")
-    lines += ["", f"## Ablations ({c.seed_images} seed images, round 0's training)", "",
-              f"| variant | proto stride | large-box alpha | numbering | SAM | {METRIC_HEADER} | primary | "
-              f"Δ primary | train s | note |",
-              "|" + "---|" * 16]
-    paper = result.ablations[0].scores.primary
-    for a in result.ablations:
-        seconds = f"{a.train_seconds:.0f}" if a.train_seconds is not None else "-"
-        lines.append(f"| {a.name} | {a.proto_stride} | {a.large_box_alpha:g} | "
-                     f"{'Hungarian' if a.hungarian else 'arg-max'} | {'yes' if a.use_sam else 'no'} | "
-                     f"{_metrics(a.scores)} | {a.scores.primary:.3f} | {a.scores.primary - paper:+.3f} | {seconds} | "
-                     f"{a.note} |")
-    lines += ["", "Primary = (instance Dice + IA) / 2, the retraining gate's score.", "", "## Summary", ""]
-    lines += [f"- {line}" for line in summary(result)]
+    minutes = [r.seconds / 60 for r in results]
+    lines += [f"Run time: {sum(minutes):.0f} min for {len(results)} seed(s) ({seeds}).", "",
+              f"Data: synthetic panoramics {config.size[0]}x{config.size[1]} per seed: {config.labeled} labeled, "
+              f"a pool of {config.pool if config.loop else 0}, {config.test} held-out test images. Training: the "
+              f"product's retrain job (`training.jobs.run_round`) with "
+              + ("its defaults" if not config.train_env else f"{dict(config.train_env)} (NOT the product's defaults)")
+              + f": preset {train.preset}, {train.steps} steps ({train.warm_steps} when warm-started), batch "
+              f"{train.batch}, {train.optimizer} lr0 {train.lr0:g}, imgsz {train.imgsz}, proto stride "
+              f"{train.proto_stride}, tooth super-class {'on' if train.tooth_class else 'off'}, mosaic "
+              f"{train.mosaic:g}, translate {train.translate:g}, scale {train.scale:g}, time budget "
+              f"{train.time_budget:g} min per job. Pre-annotation: detector, numbering, "
+              + ("YOLO masks (no SAM checkpoint given)" if config.sam_checkpoint is None else f"SAM {config.sam}")
+              + ". Every number: median (min-max) over the seeds.", "",
+              "Oracle (`training.oracle`): regions matched to ground-truth teeth one to one by IoU; accepted at "
+              "IoU >= 0.9 with the right label; relabeled: right place, wrong number; redrawn: matched, IoU < 0.9; "
+              "added: a tooth without a region (missed); deleted: a region without a tooth. Actions = relabeled + "
+              "redrawn + added + deleted, per image."]
+    if config.cold_start or any(r.cold for r in results):
+        lines += ["", "## Cold start: the first model of a new project", "",
+                  "| annotated | variant | promoted | job s (to the decision) | steps | IA | inst Dice | inst NSD | "
+                  "actions/img | added | relabeled | redrawn | deleted |", "|" + "---|" * 13]
+        names = list(dict.fromkeys(c.name for c in results[0].cold))
+        for name in names:
+            rows = [next(c for c in r.cold if c.name == name) for r in results]
+            n, variant = name.split(" images, ", 1)
+            tests = [row.candidate for row in rows]
+            cells = [n, variant, f"{sum(row.promoted for row in rows)} of {len(rows)}",
+                     spread([row.seconds for row in rows], "{:.0f}"), spread([row.steps for row in rows], "{:.0f}"),
+                     spread([t.ia for t in tests]), spread([t.instance_dice for t in tests]),
+                     spread([t.instance_nsd for t in tests])]
+            cells += [spread([t.oracle[k] for t in tests], "{:.1f}") for k in ORACLE_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Scores are the trained candidate's on the test set (a model the gate did not promote serves "
+                  "nothing; the promoted column says how often that happened). Prediction-time variants reuse the "
+                  "default model, so their time and steps are its own."]
+    if config.loop and results[0].reference is not None:
+        lines += ["", "## Loop", "",
+                  "| round | strategy | labeled | picked: actions/img | cumulative actions | promoted | steps | "
+                  "test IA | test inst Dice | test actions/img |", "|" + "---|" * 10]
+        keys = list(dict.fromkeys((r.round, r.strategy) for r in results[0].rounds))
+        def served(records: Sequence[TrainRecord]) -> list[str]:
+            tests = [x.served for x in records]
+            return [f"{sum(x.promoted for x in records)} of {len(records)}",
+                    spread([x.steps for x in records], "{:.0f}"), spread([t.ia for t in tests]),
+                    spread([t.instance_dice for t in tests]), spread([t.oracle["actions"] for t in tests], "{:.1f}")]
+
+        for rnd, strategy in keys:
+            rows = [next(x for x in r.rounds if (x.round, x.strategy) == (rnd, strategy)) for r in results]
+            picked = spread([x.oracle.get("actions") for x in rows], "{:.1f}") if rows[0].oracle else "-"
+            cells = [str(rnd), strategy, str(rows[0].train.labeled), picked,
+                     spread([x.cumulative_actions for x in rows], "{:.0f}"), *served([x.train for x in rows])]
+            lines.append("| " + " | ".join(cells) + " |")
+        refs = [r.reference for r in results]
+        lines.append("| " + " | ".join(["-", REFERENCE, str(refs[0].labeled), "-", "-", *served(refs)]) + " |")
+        pool = [r.pool_teeth for r in results]
+        lines += ["", f"## Label efficiency: oracle actions to reach {REFERENCE_SHARE:g}x the fully supervised "
+                      "reference's test IA and instance Dice", "",
+                  f"Labeling the whole pool from scratch: {spread(pool, '{:.0f}')} actions (one per tooth).", "",
+                  "| strategy | actions to reach | share of labeling the pool from scratch |", "|---|---|---|"]
+        for strategy in config.strategies:
+            reach = [actions_to_reach(r, strategy) for r in results]
+            share = [None if a is None else a / p for a, p in zip(reach, pool)]
+            lines.append(f"| {strategy} | {spread(reach, '{:.0f}')} | {spread(share, '{:.1%}')} |")
     if plot:
-        lines += ["", f"![IA and instance Dice against cumulative oracle actions]({plot})"]
+        lines += ["", f"![test IA and instance Dice against cumulative oracle actions]({plot})"]
     return "\n".join(lines) + "\n"
 
 
-def plot_loop(result: LoopResult, path: Path) -> Path:
-    """PNG of test IA and instance Dice against cumulative oracle actions, one line per strategy,
-    the control's final value dashed."""
+def plot_loop(config: SimConfig, results: Sequence[SeedResult], path: Path) -> Path:
+    """PNG of test IA and instance Dice (median over seeds) against cumulative oracle actions, one
+    line per strategy; the control's last value and the reference dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -617,12 +590,19 @@ def plot_loop(result: LoopResult, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, title in zip(axes, ("ia", "instance_dice"), ("IA", "instance Dice")):
-        for name in result.config.strategies:
-            curve = result.curve(name)
-            ax.plot([r.cumulative_actions for r in curve], [getattr(r.scores, metric) for r in curve], marker="o",
-                    label=name)
-        ax.axhline(getattr(result.curve(CONTROL)[-1].scores, metric), color="grey", linestyle="--",
-                   label=f"{CONTROL} (final)")
+        for strategy in config.strategies:
+            rounds = sorted({r.round for r in results[0].curve(strategy)})
+            xs = [statistics.median(next(x for x in r.curve(strategy) if x.round == k).cumulative_actions
+                                    for r in results) for k in rounds]
+            ys = [statistics.median(getattr(next(x for x in r.curve(strategy) if x.round == k).train.served, metric)
+                                    for r in results) for k in rounds]
+            ax.plot(xs, ys, marker="o", label=strategy)
+        last = max(r.round for r in results[0].rounds)
+        control = statistics.median(getattr(next(x for x in r.rounds if x.strategy == CONTROL and x.round == last)
+                                            .train.served, metric) for r in results)
+        ax.axhline(control, color="grey", linestyle="--", label=f"{CONTROL} (round {last})")
+        ref = statistics.median(getattr(r.reference.served, metric) for r in results)
+        ax.axhline(ref, color="black", linestyle=":", label=REFERENCE)
         ax.set_xlabel("cumulative oracle actions")
         ax.set_ylabel(f"test {title}")
         ax.set_title(f"{title} vs oracle work")
@@ -642,56 +622,72 @@ def add_arguments(parser: argparse.ArgumentParser, results_dir: Path = Path(".")
     """The options of `toothseg simulate` and bench/bench_loop.py; reports go to `results_dir`
     unless --out is given."""
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--smoke", action="store_true", help="tiny 1-epoch run (under a minute), to check the mechanics")
-    which.add_argument("--full", action="store_true", help="the paper's protocol, for a GPU (about an hour or more)")
+    which.add_argument("--smoke", action="store_true", help="a mechanics check in about a minute (tiny images, "
+                                                            "a few training steps: not the product's defaults)")
+    which.add_argument("--full", action="store_true", help="the paper's training preset, for a GPU")
     parser.add_argument("--device", default="cpu", help="torch device for training, YOLO and SAM (default cpu)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="data seeds (default 0 1 2)")
+    parser.add_argument("--cold-sizes", type=int, nargs="+", help="annotated images of the cold-start table "
+                                                                  "(default 8 20; the loop starts from the first)")
     parser.add_argument("--rounds", type=int, help="override the preset's number of rounds")
-    parser.add_argument("--per-round", type=int, help="override the images labeled per round (K)")
+    parser.add_argument("--per-round", type=int, help="override the images labeled per round")
     parser.add_argument("--pool", type=int, help="override the pool size")
     parser.add_argument("--test", type=int, help="override the test set size")
-    parser.add_argument("--epochs", type=int, help="override the epochs of round 0 and the ablation trainings")
-    parser.add_argument("--warm-epochs", type=int, help="override the epochs of the warm-started rounds")
-    parser.add_argument("--sam-checkpoint", type=Path, help="SAM weights for the preset's builder (default: random)")
-    parser.add_argument("--seed", type=int, default=0, help="data and random-pick seed (default 0)")
-    parser.add_argument("--work", type=Path, help="keep training runs here (default: a temporary folder, removed)")
+    parser.add_argument("--no-loop", action="store_true", help="only the cold-start table")
+    parser.add_argument("--no-cold-start", action="store_true", help="only the loop (round 0: the default model)")
+    parser.add_argument("--sam-checkpoint", type=Path, help="SAM weights for pre-annotation (default: YOLO masks)")
+    parser.add_argument("--sam-model-type", default="vit_b", help="SAM builder of --sam-checkpoint (default vit_b)")
+    parser.add_argument("--work", type=Path, help="work folder: training runs and each seed's results, which a "
+                                                  "rerun reuses (default: a temporary folder, removed)")
     parser.add_argument("--out", type=Path, help="markdown report; the plot goes next to it as .png (default: "
                                                  f"{results_dir}/loop.md, loop-smoke.md or loop-full.md)")
     parser.set_defaults(results_dir=results_dir)
 
 
-def config_from_args(args: argparse.Namespace) -> LoopConfig:
+def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The preset chosen by --smoke/--full (else "default") with the command line's overrides."""
     config = preset("smoke" if args.smoke else "full" if args.full else "default", args.device)
     overrides = {name: getattr(args, name) for name in ("rounds", "per_round", "pool", "test", "sam_checkpoint")
                  if getattr(args, name) is not None}
-    if args.epochs is not None:
-        overrides["first"] = replace(config.first, epochs=args.epochs)
-    if args.warm_epochs is not None:
-        overrides["warm"] = replace(config.warm, epochs=args.warm_epochs)
-    return replace(config, seed=args.seed, **overrides)
+    if args.seeds:
+        overrides["seeds"] = tuple(args.seeds)
+    if args.cold_sizes:
+        overrides["cold_sizes"] = tuple(args.cold_sizes)
+    return replace(config, cold_start=not args.no_cold_start, loop=not args.no_loop, sam=args.sam_model_type,
+                   **overrides)
 
 
-def run_from_args(args: argparse.Namespace, command: str, machine: str | None = None) -> LoopResult:
-    """Run the experiment `args` describe, print the report and write it (markdown and PNG)."""
-    import os
+def run_from_args(args: argparse.Namespace, command: str, machine: str | None = None) -> list[SeedResult]:
+    """Run the seeds `args` describe (reusing those already in --work), print and write the report."""
+    import tempfile
 
     os.environ.setdefault("YOLO_VERBOSE", "False")
     config = config_from_args(args)
     suffix = "-smoke" if args.smoke else "-full" if args.full else ""
     out = Path(args.out) if args.out else Path(args.results_dir) / f"loop{suffix}.md"
-    planned = planned_work(config)
-    print(f"plan: {int(planned['train'])} training image-epochs, {int(planned['sam'])} images through detector + "
-          f"SAM, {int(planned['plain'])} through the detector alone; a time estimate follows once each is measured",
-          flush=True)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="toothseg-loop-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="toothseg-sim-"))
+    start = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {line}", flush=True)
+
+    results = []
     try:
-        result = run_loop(config, work, log=lambda line: print(line, flush=True))
+        for seed in config.seeds:
+            saved = work / f"seed-{seed}.json"
+            if saved.exists():
+                log(f"seed {seed}: results from {saved}")
+                results.append(SeedResult.from_json(saved.read_text()))
+                continue
+            result = run_seed(config, seed, work / f"seed-{seed}", log)
+            saved.write_text(result.to_json())
+            results.append(result)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    png = plot_loop(result, out.with_suffix(".png"))
+    png = plot_loop(config, results, out.with_suffix(".png")) if config.loop else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(format_report(result, command, machine, plot=png.name))
+    out.write_text(format_report(config, results, command, machine, plot=png.name if png else None))
     print(out.read_text())
-    print(f"wrote {out} and {png}")
-    return result
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    return results

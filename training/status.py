@@ -16,6 +16,7 @@ def _job_line(job: Job) -> str:
     meta = job.meta or {}
     progress = f" {meta['progress'] * 100:.0f}%" if isinstance(meta.get("progress"), (int, float)) else ""
     detail = f" {meta.get('detail')}" if meta.get("detail") else ""
+    detail += f" ({meta['budget']})" if meta.get("budget") else ""
     status = job.get_status()
     return f"{job.id} {getattr(status, 'value', status)} [{meta.get('stage', 'queued')}{progress}]{detail}"
 

@@ -633,6 +633,17 @@ def _contact_sheet(tiles: list[np.ndarray]) -> np.ndarray:
     return sheet
 
 
+def label_studio_result(masks: dict[str, np.ndarray], target) -> list[dict]:
+    """{FDI label: (H, W) mask} -> a Label Studio annotation result for `target` (a
+    `backend.formats.Target`): one brush region per tooth, in FDI order, with stable ids ("gt11")."""
+    result = []
+    for label in sorted(masks, key=fdi.CLASS_INDEX.__getitem__):
+        for region in mask_to_regions(masks[label], target.value_for(label), target):  # one brush region
+            region["id"] = f"gt{label}"  # stable ids: the same seed writes the same bytes
+            result.append(region)
+    return result
+
+
 def write_dataset(out: Path, n: int, seed: int, size: tuple[int, int] = (1024, 512),
                   progress: bool = True, url_prefix: str = "") -> str:
     """Write n images with Labelme and Label Studio ground truth under `out`; return a summary.
@@ -663,11 +674,7 @@ def write_dataset(out: Path, n: int, seed: int, size: tuple[int, int] = (1024, 5
         (out / "images" / f"{name}.png").write_bytes(png.tobytes())
         write_labelme(out / "labelme" / f"{name}.json",
                       polygons_to_labelme(sample.polygons, f"../images/{name}.png", height, width))
-        result = []
-        for label in sorted(masks, key=fdi.CLASS_INDEX.__getitem__):
-            (region,) = mask_to_regions(masks[label], target.value_for(label), target)  # one brush region
-            region["id"] = f"gt{label}"  # stable ids: the same seed writes the same bytes
-            result.append(region)
+        result = label_studio_result(masks, target)
         task = {"data": {target.value_key: f"{url_prefix}images/{name}.png"},
                 "annotations": [{"result": result, "ground_truth": True}]}
         (out / "tasks" / f"{name}.json").write_text(json.dumps(task))
@@ -685,8 +692,8 @@ def write_dataset(out: Path, n: int, seed: int, size: tuple[int, int] = (1024, 5
 def train_synthetic_detector(work: Path, n: int = 24, seed: int = 1000, size: tuple[int, int] = (640, 320),
                              **train_overrides) -> Path:
     """Train a YOLOv8-seg on `n` synthetic X-rays (tests and benchmarks: no weights can be
-    downloaded); returns the best weights. Defaults: 80 epochs at imgsz 320, lr 0.02, no mosaic
-    (about 5 minutes on 2 CPU cores)."""
+    downloaded); returns the best weights. The product's training defaults ("small" preset) at
+    imgsz 320 with a 4-minute budget, unless `train_overrides` say otherwise."""
     from backend.preprocess import pixel_statistics
     from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
     from training.train import TrainConfig, train_model
@@ -694,8 +701,8 @@ def train_synthetic_detector(work: Path, n: int = 24, seed: int = 1000, size: tu
     items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
              enumerate(generate(seed + i, size) for i in range(n))]
     train, val = split_train_val([it.key for it in items], 0.15)
-    data = write_yolo_dataset([it for it in items if it.key in train], [it for it in items if it.key in val],
-                              Path(work) / "dataset")
-    mean, std = pixel_statistics([it.pixels for it in items if it.key in train])
-    config = TrainConfig(**{**dict(epochs=80, batch=4, imgsz=320, lr0=0.02, mosaic=0.0), **train_overrides})
-    return train_model(data, Path(work) / "run", config, mean, std).weights
+    config = TrainConfig(**{**dict(imgsz=320, time_budget=4.0), **train_overrides})
+    train_items, val_items = [it for it in items if it.key in train], [it for it in items if it.key in val]
+    data = write_yolo_dataset(train_items, val_items, Path(work) / "dataset", tooth_class=config.tooth_class)
+    mean, std = pixel_statistics([it.pixels for it in train_items])
+    return train_model(data, Path(work) / "run", config, mean, std, val_items=val_items).weights

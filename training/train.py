@@ -1,21 +1,34 @@
-"""Train a YOLOv8-seg tooth model with ultralytics' trainer and the paper's changes.
+"""Train a YOLOv8-seg tooth model with ultralytics' trainer and toothseg's changes.
 
-Defaults follow the paper's protocol (Table 2): SGD, lr 1e-3, batch 10, 100 epochs, with one
-optimizer step per batch: ultralytics' nominal batch `nbs` is set to the batch size, since its
-default of 64 accumulates 7 batches of 10 per step, and a 20-image round would step once every
-few epochs. Every
-hyperparameter can be overridden by a TRAIN_* environment variable (see README) or by the
-caller. Horizontal flips are off: mirroring a panoramic image swaps the patient's sides, so
-an "11" would be taught where a "21" belongs.
+Two presets (`TRAIN_PRESET`), every value overridable by a TRAIN_* environment variable (see
+README) or by the caller:
+
+- "small" (the default), chosen by measurement for projects of 5-50 annotated images on a CPU
+  (`bench/bench_cold_start.py`): the length is given in optimizer steps, not epochs (with 7
+  training images an epoch is a handful of steps), the batch is small so those steps are many,
+  the learning rate is high enough to train from scratch, the tooth super-class is on, and the
+  augmentations keep positions meaningful (no mosaic, small translation and scaling: FDI numbers
+  depend on where a tooth is on the arch). A time budget (`time_budget`, minutes) ends training
+  early enough for the job to promote within it: after each epoch the epochs that still fit are
+  estimated, and the learning-rate schedule is compressed to end with them.
+- "paper": the paper's protocol (Table 2) for large projects on a GPU: SGD, lr 1e-3, batch 10,
+  100 epochs, ultralytics' augmentations with mosaic, no time budget.
+
+In both, one optimizer step per batch: ultralytics' nominal batch `nbs` is set to the batch size,
+since its default of 64 accumulates several batches per step. Horizontal flips are off:
+mirroring a panoramic image swaps the patient's sides, so an "11" would be taught where a "21"
+belongs. Validation (best.pt, early stopping) uses the STS primary score on the validation
+images when they are given (`training.model_changes`).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from training.model_changes import ModelChanges, trainer_for
 
@@ -24,47 +37,104 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of one training run (names as ultralytics' train arguments).
+    """Hyperparameters of one training run (names as ultralytics' train arguments where it has them).
 
-    model_cfg: ultralytics model yaml of a first training without starting weights; imgsz: training
-    and prediction size (longest side, pixels); threads: torch CPU threads (0 = all cores);
-    proto_stride: mask prototype stride (4 stock, 2 paper, 1); large_box_alpha: the large-box loss
-    weight (0 = ultralytics' loss); the rest are ultralytics' arguments of the same name.
+    preset: the named defaults (PRESETS) the other values started from; model_cfg: ultralytics
+    model yaml of a first training without starting weights; steps: optimizer steps (0: train
+    `epochs` epochs); epochs: used when steps is 0; warmup_steps: learning-rate warm-up (0: use
+    warmup_epochs); imgsz: training and prediction size (longest side, pixels); time_budget:
+    minutes the training may take (0: no limit); warm_steps: optimizer steps of a training that
+    starts from the project's current model (0: as steps); threads: torch CPU threads (0 = all cores);
+    proto_stride: mask prototype stride (4 stock, 2 paper, 1); large_box_alpha: the large-box
+    loss weight (0 = ultralytics' loss); tooth_class: the tooth super-class; cache: ultralytics'
+    image cache ("ram", "disk" or ""); the rest are ultralytics' arguments of the same name.
     """
 
+    preset: str = "small"
     model_cfg: str = "yolov8n-seg.yaml"
-    epochs: int = 100
-    batch: int = 10
-    lr0: float = 1e-3
+    steps: int = 1500
+    warm_steps: int = 500
+    epochs: int = 0
+    batch: int = 2
+    lr0: float = 0.01
     optimizer: str = "SGD"
     imgsz: int = 640
-    patience: int = 100
-    mosaic: float = 1.0
-    warmup_epochs: float = 3.0
+    patience: int = 1000
+    mosaic: float = 0.0
+    translate: float = 0.05
+    scale: float = 0.2
+    warmup_steps: int = 100
+    warmup_epochs: float = 0.0
+    close_mosaic: int = 0
+    val_steps: int = 30
+    time_budget: float = 9.0
+    cache: str = "ram"
     seed: int = 0
     device: str = "cpu"
     workers: int = 0
     threads: int = 0  # torch threads on CPU; 0 = all cores
-    proto_stride: int = 2
+    proto_stride: int = 4
     large_box_alpha: float = 4.0
+    tooth_class: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "TrainConfig":
-        """Defaults, then TRAIN_<FIELD> environment variables (e.g. TRAIN_EPOCHS=5), then `overrides`."""
+        """The preset named by TRAIN_PRESET (or `overrides["preset"]`; default "small"), then
+        TRAIN_<FIELD> environment variables (e.g. TRAIN_STEPS=800), then `overrides`."""
         env = os.environ if env is None else env
+        name = overrides.get("preset") or env.get("TRAIN_PRESET") or "small"
+        base = preset(name)
         values = {}
         for f in fields(cls):
             raw = env.get(f"TRAIN_{f.name.upper()}")
-            if raw not in (None, ""):
-                kind = type(getattr(cls(), f.name))
+            if f.name != "preset" and raw not in (None, ""):
+                kind = type(getattr(base, f.name))
                 try:
-                    values[f.name] = kind(raw)
+                    values[f.name] = _parse(kind, raw)
                 except ValueError:
                     raise ValueError(f"TRAIN_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
-        return replace(cls(**values), **overrides)
+        return replace(base, **values, **{k: v for k, v in overrides.items() if k != "preset"})
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def changes(self, mean: float, std: float) -> ModelChanges:
+        return ModelChanges(proto_stride=self.proto_stride, large_box_alpha=self.large_box_alpha,
+                            tooth_class=self.tooth_class, mean=mean, std=std)
+
+    def warm(self) -> "TrainConfig":
+        """The configuration of a training warm-started from the project's current model."""
+        return replace(self, steps=self.warm_steps) if self.warm_steps > 0 and self.steps > 0 else self
+
+    def epochs_for(self, train_images: int) -> int:
+        """Epochs that give `steps` optimizer steps on `train_images` images (or `epochs`)."""
+        if self.steps <= 0:
+            return max(self.epochs, 1)
+        return max(math.ceil(self.steps / max(math.ceil(train_images / self.batch), 1)), 1)
+
+
+def _parse(kind: type, raw: str):
+    if kind is bool:
+        if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(raw)
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return kind(raw)
+
+
+PRESETS: dict[str, dict] = {
+    "small": {},
+    "paper": dict(steps=0, warm_steps=0, epochs=100, batch=10, lr0=1e-3, optimizer="SGD", mosaic=1.0,
+                  translate=0.1, scale=0.5, warmup_steps=0, warmup_epochs=3.0, close_mosaic=10, val_steps=1,
+                  patience=100, time_budget=0.0, cache="", proto_stride=2),
+}
+"""Named training defaults: "small" is TrainConfig's own defaults, "paper" the paper's Table 2."""
+
+
+def preset(name: str) -> TrainConfig:
+    """The TrainConfig of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown TRAIN_PRESET {name!r} (one of {', '.join(PRESETS)})")
+    return TrainConfig(preset=name, **PRESETS[name])
 
 
 @dataclass
@@ -72,34 +142,81 @@ class TrainResult:
     weights: Path
     seconds: float
     epochs_run: int
+    steps_run: int
+    epochs_planned: int
+    stopped_by: str  # "steps", "budget" or "patience"
+
+
+class _Budget:
+    """ultralytics callback: after each epoch, set the run's length (and its learning-rate schedule)
+    to the planned epochs or to those that still fit before `deadline` (time.monotonic seconds),
+    whichever is fewer; the estimate uses the mean epoch time so far."""
+
+    def __init__(self, deadline: float | None, planned: int):
+        self.deadline = deadline
+        self.planned = planned
+        self.cut = False
+
+    def __call__(self, trainer) -> None:
+        if self.deadline is None or trainer.stop:
+            return
+        done = trainer.epoch + 1 - trainer.start_epoch
+        per_epoch = (time.time() - trainer.train_time_start) / max(done, 1)
+        fits = trainer.epoch + 1 + int(max(self.deadline - time.monotonic(), 0.0) // per_epoch)
+        epochs = max(min(fits, self.planned), trainer.epoch + 1)
+        self.cut = fits < self.planned
+        if epochs != trainer.epochs:
+            trainer.epochs = trainer.args.epochs = epochs
+            trainer._setup_scheduler()
+            trainer.scheduler.last_epoch = trainer.epoch
+            trainer.stop = trainer.epoch + 1 >= epochs
 
 
 def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float, std: float,
                 warm_start: Path | None = None,
-                on_epoch: Callable[[int, int, dict], None] | None = None) -> TrainResult:
+                on_epoch: Callable[[int, int, dict], None] | None = None,
+                val_items: Sequence = (), val_options=None,
+                deadline: float | None = None, train_images: int | None = None) -> TrainResult:
     """Train on `data_yaml`; the run's files go to `run_dir`. `warm_start`: weights to start from.
-    `on_epoch(epoch, epochs, metrics)` is called after each epoch. Returns the best weights."""
+    `on_epoch(epoch, epochs, metrics)` is called after each epoch. `val_items` (LabeledImage):
+    score epochs with the STS metrics through the pipeline with `val_options` (a PipelineOptions;
+    default: the pipeline's defaults without SAM), else ultralytics' mAP. `deadline` (time.monotonic
+    seconds): end training by then (default: `config.time_budget` minutes from now).
+    `train_images`: size of the train split (read from the dataset when None). Returns the best
+    weights."""
     from ultralytics import YOLO
 
     from backend.runtime import set_torch_threads
 
     set_torch_threads(config.threads)
-    changes = ModelChanges(proto_stride=config.proto_stride, large_box_alpha=config.large_box_alpha,
-                           mean=mean, std=std)
+    if deadline is None and config.time_budget > 0:
+        deadline = time.monotonic() + config.time_budget * 60
+    if train_images is None:
+        train_images = sum(1 for _ in (Path(data_yaml).parent / "images" / "train").iterdir())
+    epochs = config.epochs_for(train_images)
+    steps_per_epoch = max(math.ceil(train_images / config.batch), 1)
+    warmup_epochs = config.warmup_steps / steps_per_epoch if config.warmup_steps > 0 else config.warmup_epochs
     model = YOLO(str(warm_start) if warm_start else config.model_cfg, task="segment")
+    budget = _Budget(deadline, epochs)
+    model.add_callback("on_fit_epoch_end", budget)
     if on_epoch is not None:
         model.add_callback("on_fit_epoch_end", lambda tr: on_epoch(
             min(tr.epoch + 1, tr.epochs), tr.epochs, {k: float(v) for k, v in (tr.metrics or {}).items()}))
     run_dir = Path(run_dir)
     start = time.perf_counter()
     model.train(
-        trainer=trainer_for(changes), data=str(data_yaml), epochs=config.epochs, batch=config.batch,
-        imgsz=config.imgsz, optimizer=config.optimizer, lr0=config.lr0, patience=config.patience,
-        mosaic=config.mosaic, warmup_epochs=config.warmup_epochs, nbs=config.batch, seed=config.seed,
-        deterministic=True, device=config.device,
-        workers=config.workers, project=str(run_dir.parent), name=run_dir.name, exist_ok=True,
-        mask_ratio=config.proto_stride, fliplr=0.0, plots=False, amp=False, verbose=False, val=True,
+        trainer=trainer_for(config.changes(mean, std), val_items, val_options,
+                            math.ceil(config.val_steps / steps_per_epoch)), data=str(data_yaml),
+        epochs=epochs, batch=config.batch, imgsz=config.imgsz, optimizer=config.optimizer, lr0=config.lr0,
+        patience=config.patience, mosaic=config.mosaic, translate=config.translate, scale=config.scale,
+        warmup_epochs=warmup_epochs, nbs=config.batch, seed=config.seed, deterministic=True,
+        device=config.device, workers=config.workers, cache=config.cache or False, project=str(run_dir.parent),
+        name=run_dir.name, exist_ok=True, mask_ratio=config.proto_stride, fliplr=0.0, close_mosaic=config.close_mosaic,
+        plots=False, amp=False, verbose=False, val=True,
     )
     trainer = model.trainer
     best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
-    return TrainResult(weights=best, seconds=time.perf_counter() - start, epochs_run=int(trainer.epoch) + 1)
+    epochs_run = int(trainer.epoch) + 1
+    stopped_by = "budget" if budget.cut else ("steps" if epochs_run >= epochs else "patience")
+    return TrainResult(weights=best, seconds=time.perf_counter() - start, epochs_run=epochs_run,
+                       steps_run=epochs_run * steps_per_epoch, epochs_planned=epochs, stopped_by=stopped_by)

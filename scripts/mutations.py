@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Switch each protection off in turn and run the test that names it: the test must fail.
+
+    .venv/bin/python scripts/mutations.py            # every mutation (about 15 minutes on 2 cores)
+    .venv/bin/python scripts/mutations.py routes cas # some of them, by name
+
+Each mutation replaces one snippet of production code (which must occur exactly once) with a
+version that disables the protection, runs the named tests with pytest, and restores the file
+whatever happens. A protection is "caught" when its tests fail with it switched off. The results
+go to the "Mutations" section of bench/results/hardening.md (the scenario section is the test
+session's). Run it on a clean work tree: it edits files in place while it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    protection: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+FD, IMG, SEC, RQ, PROMO = "backend/front_door.py", "backend/images.py", "backend/security.py", \
+    "backend/retrain_queue.py", "training/promotion.py"
+T_FD, T_HARD, T_RQ, T_TRAIN = "tests/test_front_door.py", "tests/test_hardening.py", "tests/test_retrain_queue.py", \
+    "tests/test_training.py"
+
+MUTATIONS = [
+    Mutation("routes", "only toothseg's four routes are served (label-studio-ml's /train, /versions, ... are 404)",
+             FD, "        if path not in ROUTES:\n", "        if False:\n",
+             (f"{T_FD}::test_only_toothseg_routes_are_served",)),
+    Mutation("methods", "each route answers its own method only", FD,
+             "        if method not in ROUTES[path]:", "        if path not in ROUTES or False:",
+             (f"{T_FD}::test_only_toothseg_routes_are_served",)),
+    Mutation("project-id", "project ids are digits with an optional .timestamp", "backend/registry.py",
+             r'_PROJECT = re.compile(r"^([0-9]{1,18})(?:\.[0-9]{1,18})?$")',
+             r'_PROJECT = re.compile(r"^([0-9]{1,18})(?:\..*)?$")',
+             (f"{T_FD}::test_project_ids_are_digits_and_an_optional_timestamp",)),
+    Mutation("basic-auth", "basic auth on every route but /health", FD,
+             "if path not in OPEN_ROUTES and self.user and not self._authorized(environ):",
+             "if path not in OPEN_ROUTES and self.user and False:", (f"{T_HARD}::test_basic_auth",)),
+    Mutation("both-credentials", "user and password are both compared, always (no shortcut)", FD,
+             "        user_ok, password_ok = _same(user, self.user), _same(password, self.password)  # both, always\n"
+             "        return user_ok and password_ok",
+             "        return _same(user, self.user) and _same(password, self.password)",
+             (f"{T_FD}::test_credentials_are_checked_as_bytes_and_both_always",)),
+    Mutation("bytes-credentials", "credentials are compared as bytes (non-ASCII ones are a 401, not a 500)", FD,
+             'user, _, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")',
+             'user, _, password = (x.encode() if x.isascii() else x for x in base64.b64decode(encoded.strip(), '
+             'validate=True).decode("latin-1").partition(":"))',
+             (f"{T_FD}::test_credentials_are_checked_as_bytes_and_both_always",)),
+    Mutation("webhook-secret", "/webhook needs WEBHOOK_SECRET's header", FD,
+             'if path == "/webhook" and self.secret and \\', 'if path == "/webhook" and self.secret and False and \\',
+             (f"{T_HARD}::test_webhook_secret",)),
+    Mutation("length-cap", "a Content-Length over MAX_REQUEST_BYTES is refused before the body is read", FD,
+             "            if size > limit:\n                return None\n            return stream.read(size) if size else b\"\"",
+             "            body = stream.read(size) if size else b\"\"\n            return None if size > limit else body",
+             (f"{T_FD}::test_bodies_are_capped_before_they_are_read",)),
+    Mutation("chunked-cap", "a chunked body is refused as soon as it passes MAX_REQUEST_BYTES", FD,
+             "            if total > limit:\n                return None\n            parts.append(part)",
+             "            parts.append(part)",
+             (f"{T_FD}::test_bodies_are_capped_before_they_are_read",)),
+    Mutation("download-deadline", "DOWNLOAD_TIMEOUT is for the whole download", IMG,
+             "                            if time.monotonic() > deadline:\n                                raise timed_out\n",
+             "", (f"{T_FD}::test_download_timeout_is_for_the_whole_download",)),
+    Mutation("setup-hostname", "/setup's hostname counts only if it is LABEL_STUDIO_URL's or an allowlisted origin",
+             IMG, '            return hostname\n        return ""\n', '            return hostname\n        return hostname\n',
+             (f"{T_FD}::test_without_label_studio_url_setup_names_no_host",
+              f"{T_FD}::test_hostname_from_setup_is_trusted_only_when_configured")),
+    Mutation("token-to-label-studio", "the token goes to Label Studio's origin only", IMG,
+             "headers = self.auth_headers() if self._is_label_studio(url) else {}", "headers = self.auth_headers()",
+             (f"{T_FD}::test_token_goes_to_label_studio_only",)),
+    Mutation("allowlist-origins", "allowlist entries are origins (scheme, host, port), not bare hosts", IMG,
+             "return o is not None and (o == origin(self.base_url) or o in self.allowlist)",
+             "return o is not None and (o == origin(self.base_url) or any(o[1] == a[1] for a in self.allowlist))",
+             (f"{T_FD}::test_allowlist_entries_are_origins",)),
+    Mutation("pillow-guard", "Pillow's decompression-bomb guard stays on in the process", IMG,
+             '_DEFAULT_PORTS = {"http": 80, "https": 443}\n',
+             '_DEFAULT_PORTS = {"http": 80, "https": 443}\nImage.MAX_IMAGE_PIXELS = None\n',
+             (f"{T_FD}::test_pillow_keeps_its_own_guard",)),
+    Mutation("traceback-redaction", "tracebacks in the log are redacted", SEC,
+             "            record.exc_text = redact(record.exc_text)", "            pass",
+             (f"{T_HARD}::test_tracebacks_are_redacted_too",)),
+    Mutation("atomic-release", "a stale retrain-queue entry is released with compare-and-delete", RQ,
+             "        return bool(self._release_script(keys=[_key(project, \"active\")], args=[job_id]))",
+             "        return bool(self.redis.delete(_key(project, \"active\")))",
+             (f"{T_RQ}::test_a_stale_entry_is_released_atomically",)),
+    Mutation("now-lock", "`toothseg train --now` takes the project's retrain lock", "training/cli.py",
+             "            busy = queue.claim(project, job_id)", "            busy = None",
+             (f"{T_RQ}::test_train_now_takes_the_project_lock",)),
+    Mutation("current-cas", "promotion compares and swaps CURRENT (a rollback during training wins)", PROMO,
+             "        if expected is not _ANY and previous != expected:", "        if False:",
+             (f"{T_TRAIN}::test_promotion_loses_to_a_rollback_made_during_training",)),
+    Mutation("staged-version", "a version is written under a temporary name and renamed when complete", PROMO,
+             'staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=base))',
+             'staging = base / version; staging.mkdir()',
+             (f"{T_TRAIN}::test_killed_training_leaves_the_current_model_untouched",)),
+    Mutation("first-model-gate", "a first model must show that it saves work to be promoted", "training/evaluate.py",
+             "        if c.identified > 0 and p < alpha:", "        if True:",
+             (f"{T_TRAIN}::test_gate_first_model_must_show_that_it_saves_work",)),
+    Mutation("preannotate-leftovers", "the background pass finishes a task a killed pass left half replaced",
+             "training/preannotate.py", "    for task_id, olds in leftovers.items():",
+             "    for task_id, olds in {}.items():", ("tests/test_e2e_preannotate.py::test_background_preannotation",)),
+]
+
+
+def run(mutation: Mutation, timeout: float) -> tuple[str, float, str]:
+    """Apply `mutation`, run its tests, restore the file: ("caught" | "MISSED" | "error", seconds, detail)."""
+    path = REPO / mutation.file
+    original = path.read_text()
+    if original.count(mutation.old) != 1:
+        return "error", 0.0, f"snippet found {original.count(mutation.old)} times in {mutation.file}"
+    start = time.perf_counter()
+    try:
+        path.write_text(original.replace(mutation.old, mutation.new))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:randomly",
+                               *mutation.tests], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        tail = (proc.stdout.strip().splitlines() or [""])[-1]
+        return ("caught" if proc.returncode == 1 else "MISSED" if proc.returncode == 0 else "error",
+                time.perf_counter() - start, tail)
+    except subprocess.TimeoutExpired:
+        return "caught (timed out)", time.perf_counter() - start, f"over {timeout:.0f} s"
+    finally:
+        path.write_text(original)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"mutations to run (default all: {', '.join(m.name for m in MUTATIONS)})")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation's test run")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    from conftest import MUTATION_HEADING, write_section
+
+    rows = []
+    for m in chosen:
+        result, seconds, detail = run(m, args.timeout)
+        print(f"{m.name}: {result} in {seconds:.0f} s ({detail})", flush=True)
+        tests = ", ".join(f"`{t.split('::')[-1]}`" for t in m.tests)
+        rows.append(f"| {m.protection} | `{m.file}` | {tests} | {result} |")
+    lines = [MUTATION_HEADING, "", f"Written by `{' '.join(['.venv/bin/python', 'scripts/mutations.py', *sys.argv[1:]])}`:"
+             " each protection switched off in turn (its code replaced, `scripts/mutations.py` lists the snippets), "
+             "its tests run; caught = they failed.", "",
+             "| protection | where | tests | with the protection off |", "|---|---|---|---|", *rows]
+    from conftest import HARDENING_TABLE
+
+    write_section(HARDENING_TABLE, MUTATION_HEADING, "\n".join(lines))
+    print(f"wrote the mutation section of {HARDENING_TABLE}")
+    return 0 if all(r.endswith("| caught |") or "caught (timed out)" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
