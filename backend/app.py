@@ -25,14 +25,15 @@ from flask import Flask, jsonify, request
 from label_studio_ml import api
 from label_studio_ml.api import init_app
 from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
+from rq.exceptions import NoSuchJobError
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from backend.formats import LabelConfigError, find_target
+from backend.front_door import FrontDoor
 from backend.images import ImageLoader
 from backend.model import ToothSegBackend
 from backend.registry import project_key
 from backend.runtime import get_runtime
-from backend.front_door import FrontDoor
 from backend.security import install_redaction
 
 logger = logging.getLogger(__name__)
@@ -42,15 +43,21 @@ class ToothSegManager(LabelStudioMLManager):
     """label-studio-ml's manager, with per-request, per-project models (see module docstring)."""
 
     connections: dict[str, dict[str, str]] = {}  # project -> hostname/access_token sent by /setup
+    _ignored: set[str] = set()  # hostnames already logged as not trusted (at most _IGNORED_MAX, cut to 200 chars)
+    _IGNORED_MAX = 100
 
     @classmethod
     def fetch(cls, project=None, label_config=None, force_reload=False, **kwargs):
         key = project_key(project)
         hostname, token = kwargs.get("hostname") or "", kwargs.get("access_token") or ""
         if hostname and not ImageLoader.trusted_hostname(get_runtime().settings, hostname):
-            logger.warning("project %s: /setup named %r as Label Studio; ignored (not LABEL_STUDIO_URL and not in "
-                           "IMAGE_HOST_ALLOWLIST)", key, hostname.split("?")[0][:200])
-            hostname = token = ""
+            shown = hostname.split("?")[0][:200]
+            if shown not in cls._ignored and len(cls._ignored) < cls._IGNORED_MAX:  # sent before every batch: once
+                cls._ignored.add(shown)
+                logger.warning("/setup named %r as Label Studio; that hostname is ignored (not LABEL_STUDIO_URL's "
+                               "origin and not in IMAGE_HOST_ALLOWLIST); its token is only ever sent to "
+                               "LABEL_STUDIO_URL", shown)
+            hostname = ""
         if hostname or token:
             cls.connections[key] = {"hostname": hostname, "access_token": token}
         conn = cls.connections.get(key, {})
@@ -129,6 +136,10 @@ def _http_error(exc: HTTPException):
     return jsonify({"error": exc.description, "status": exc.code}), exc.code
 
 
+_LABEL_STUDIO_ML_HANDLED = (FileNotFoundError, AssertionError, IndexError, NoSuchJobError)
+"""Exceptions label-studio-ml's app answers itself, as plain text that can hold file paths."""
+
+
 def _server_error(exc: Exception):
     logger.exception("unexpected error on %s %s", request.method, request.path)
     return jsonify({"error": f"internal error ({exc.__class__.__name__}); see the backend log", "status": 500}), 500
@@ -151,7 +162,8 @@ def create_app() -> Flask:
     app.view_functions["webhook"] = webhook_view
     app.view_functions["health"] = health_view
     app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(Exception, _server_error)
+    for specific in (Exception, *_LABEL_STUDIO_ML_HANDLED):  # Flask prefers the most specific handler
+        app.register_error_handler(specific, _server_error)
     app.wsgi_app = FrontDoor(app.wsgi_app, runtime.settings)
     install_redaction()
     return app

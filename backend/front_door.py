@@ -14,7 +14,9 @@ whole body, and Werkzeug 2.0 ignores MAX_CONTENT_LENGTH there), and decides, in 
 4. Errors: every refusal, and any exception that escapes the app, is a JSON body
    {"error": ..., "status": ...} without a traceback (the traceback goes to the log, redacted).
 
-Refusals that leave a body unread close the connection, so the server does not read the rest.
+Refusals that leave a body unread say `Connection: close`. gunicorn (27) then discards at most
+64 KB of what the client still sends, within 5 s, and closes the connection, so memory stays flat
+(bench/bench_front_door.py measures it).
 """
 from __future__ import annotations
 
@@ -82,8 +84,8 @@ class FrontDoor:
                 return None
             return stream.read(size) if size else b""
         parts, total = [], 0
-        while True:
-            part = stream.read(CHUNK)
+        while True:  # never ask for more than one byte past the limit: a read waits until it has them all
+            part = stream.read(min(CHUNK, limit + 1 - total))
             if not part:
                 return b"".join(parts)
             total += len(part)
@@ -106,7 +108,7 @@ class FrontDoor:
             return _refuse(start_response, 401, "basic authentication required (BASIC_AUTH_USER / BASIC_AUTH_PASS)",
                            body_pending, [("WWW-Authenticate", 'Basic realm="toothseg"')])
         if path == "/webhook" and self.secret and \
-                not _same(environ.get(self.secret_header, "").encode("utf-8", "surrogateescape"), self.secret):
+                not _same(environ.get(self.secret_header, "").encode("latin-1", "replace"), self.secret):
             return _refuse(start_response, 401, f"missing or wrong {self.settings.webhook_secret_header} header",
                            body_pending)
         body = self._read_body(environ)

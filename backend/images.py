@@ -12,14 +12,16 @@ downloads over MAX_DOWNLOAD_BYTES or past DOWNLOAD_TIMEOUT (the whole download, 
 images over MAX_IMAGE_PIXELS (checked from the header, before decoding; Pillow's own guard stays
 on for every other reader in the process), and bytes that are not a complete image.
 
-Label Studio is LABEL_STUDIO_URL. The hostname a caller of /setup names is used only when it
-is that same origin or an allowlisted one, and the token is sent to Label Studio's origin only.
+Label Studio is LABEL_STUDIO_URL. Without it, the hostname a caller of /setup names stands for
+Label Studio only if it is an allowlisted origin, and then gets only the token /setup sent with it
+(never LABEL_STUDIO_API_KEY); tokens go to Label Studio's origin only.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import logging
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -109,7 +111,8 @@ def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndar
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own limit, above ours unless MAX_IMAGE_PIXELS is huge
-        raise ImageError(f"{source}: {exc}", 413) from None
+        raise ImageError(f"{source}: the image exceeds the limit of Pillow's decompression-bomb check ({exc}); "
+                         f"MAX_IMAGE_PIXELS is {max_pixels}", 413) from None
     except (UnidentifiedImageError, ImportError):
         # ImportError: ultralytics patches Image.open to retry unknown files with the optional
         # pi-heif plugin, which is not installed (and never installed at run time here)
@@ -170,18 +173,41 @@ def allowlist_origins(entries: tuple[str, ...]) -> set[Origin]:
     return found
 
 
+_TOKEN_CLIENTS: dict[tuple[str, str], Any] = {}
+_TOKEN_CLIENTS_LOCK = threading.Lock()
+
+
+def _token_client(base_url: str, api_key: str, timeout: float):
+    """label_studio_sdk's client wrapper for one Label Studio and key, one per process: it keeps
+    the access token it refreshed from a personal access token until that expires."""
+    from label_studio_sdk.core.client_wrapper import SyncClientWrapper
+
+    with _TOKEN_CLIENTS_LOCK:
+        client = _TOKEN_CLIENTS.get((base_url, api_key))
+        if client is None:
+            client = SyncClientWrapper(api_key=api_key, base_url=base_url, httpx_client=httpx.Client(timeout=timeout))
+            if len(_TOKEN_CLIENTS) >= 64:  # keys change rarely; keep the table small anyway
+                _TOKEN_CLIENTS.clear()
+            _TOKEN_CLIENTS[(base_url, api_key)] = client
+        return client
+
+
 class ImageLoader:
     """Loads task images for one Label Studio connection.
 
-    base_url / api_key: Label Studio's (settings first, else what /setup sent).
+    base_url / api_key: Label Studio's (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY or /setup's token;
+    without LABEL_STUDIO_URL an allowlisted hostname from /setup with its own token).
     """
 
     def __init__(self, settings: Settings, hostname: str = "", access_token: str = ""):
         self.settings = settings
         self.allowlist = allowlist_origins(settings.image_host_allowlist)
-        self.base_url = (settings.label_studio_url or self.trusted_hostname(settings, hostname)).rstrip("/")
-        self.api_key = settings.label_studio_api_key or access_token or ""
-        self._tokens = None  # label_studio_sdk TokensClientExt, created on first use
+        named = "" if settings.label_studio_url else self.trusted_hostname(settings, hostname)
+        self.base_url = (settings.label_studio_url or named).rstrip("/")
+        # LABEL_STUDIO_API_KEY goes to LABEL_STUDIO_URL only; an allowlisted host that /setup named as
+        # Label Studio gets the token that /setup sent with it, nothing else
+        self.api_key = (settings.label_studio_api_key or access_token) if settings.label_studio_url else \
+            (access_token if named else "")
 
     @staticmethod
     def trusted_hostname(settings: Settings, hostname: str) -> str:
@@ -203,21 +229,21 @@ class ImageLoader:
         return bool(self.base_url) and origin(url) == origin(self.base_url)
 
     def auth_headers(self) -> dict[str, str]:
-        """Authorization header for Label Studio: the legacy token, or for a personal access token
-        an access token that label_studio_sdk's TokensClientExt refreshes when it expires."""
+        """Authorization header for Label Studio, as label_studio_sdk's client makes it: the legacy
+        token, or for a personal access token (a JWT refresh token) an access token that the SDK
+        refreshes from it when it expires."""
         if not self.api_key:
             return {}
         from label_studio_sdk.core.api_error import ApiError
-        from label_studio_sdk.tokens.client_ext import TokensClientExt
 
         try:
-            if self._tokens is None:
-                self._tokens = TokensClientExt(base_url=self.base_url, api_key=self.api_key)
-            if self._tokens.jwt_token_type(self.api_key) is None:
-                return {"Authorization": f"Token {self.api_key}"}
-            return {"Authorization": f"Bearer {self._tokens.api_key}"}
+            return {"Authorization": _token_client(self.base_url, self.api_key,
+                                                   self.settings.download_timeout).get_headers()["Authorization"]}
         except ApiError as exc:
             raise ImageError(f"Label Studio rejected the API key: {exc.body}", 401) from None
+        except (httpx.HTTPError, ValueError) as exc:  # Label Studio down, or a non-JSON answer to the refresh
+            raise ImageError(f"could not get an access token from Label Studio ({exc.__class__.__name__})", 502) \
+                from None
 
     def resolve(self, url: str) -> tuple[str, Path | None]:
         """A task URL -> (absolute http(s) URL, or "" with a local Path)."""
@@ -279,14 +305,17 @@ class ImageLoader:
         limit, seconds = self.settings.max_download_bytes, self.settings.download_timeout
         deadline = time.monotonic() + seconds
         timed_out = ImageError(f"download of {_display(url)} took longer than DOWNLOAD_TIMEOUT ({seconds:g} s)", 504)
-        with httpx.Client(timeout=httpx.Timeout(seconds), follow_redirects=False) as client:
+        with httpx.Client(follow_redirects=False) as client:
             for _ in range(_MAX_REDIRECTS + 1):
                 if not self._allowed(url):
                     raise ImageError(f"image origin {_host(url)!r} is not Label Studio's and not in "
                                      f"IMAGE_HOST_ALLOWLIST", 403)
                 headers = self.auth_headers() if self._is_label_studio(url) else {}
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise timed_out
                 try:
-                    with client.stream("GET", url, headers=headers) as resp:
+                    with client.stream("GET", url, headers=headers, timeout=httpx.Timeout(left)) as resp:
                         if resp.is_redirect:
                             url = urljoin(url, resp.headers.get("location", ""))
                             continue

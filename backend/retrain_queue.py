@@ -19,6 +19,7 @@ event looks at the project.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +37,8 @@ JOB_FUNCTION = "training.jobs.retrain"
 LOCAL_JOB_PREFIX = "local-"
 """Active ids of runs outside rq (`toothseg train --now`): live while the key exists (they expire
 after TRAIN_JOB_TIMEOUT if their process dies)."""
+ENQUEUE_GRACE_S = 60.0
+"""How long `active` may name a job rq does not know yet: it is being enqueued (set, then enqueued)."""
 # Compare-and-delete and compare-and-set of the `active` key, atomic in Redis: a stale job id is
 # released only if it is still the one read, so an event that enqueued a new job in between keeps it.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -43,6 +46,20 @@ _HAND_OVER = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KE
 RETRY = Retry(max=3, interval=[10, 30, 90])  # export failures (Label Studio down) back off, then fail
 T = TypeVar("T")
 _LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+def new_job_id(project: str) -> str:
+    """retrain-<project>-<creation time, ms, hex>-<random>: its age tells a job being enqueued from a
+    stale entry."""
+    return f"retrain-{project}-{time.time_ns() // 1_000_000:x}-{uuid.uuid4().hex[:8]}"
+
+
+def _age_s(job_id: str) -> float:
+    """Seconds since `new_job_id` made `job_id`; infinite for ids of another form."""
+    try:
+        return time.time() - int(job_id.rsplit("-", 2)[1], 16) / 1000
+    except (IndexError, ValueError):
+        return float("inf")
 
 
 def _key(project: str, what: str) -> str:
@@ -113,7 +130,7 @@ class RetrainQueue:
         if not requested and changed < self.min_new:
             return Decision("waiting", None, f"{changed} of {self.min_new} changed annotations needed to retrain "
                                              f"(RETRAIN_MIN_NEW_ANNOTATIONS)")
-        job_id = f"retrain-{project}-{uuid.uuid4().hex[:12]}"
+        job_id = new_job_id(project)
         if not self.redis.set(_key(project, "active"), job_id, nx=True):
             return Decision("coalesced", None, "a simultaneous event enqueued the job")
         try:
@@ -149,7 +166,7 @@ class RetrainQueue:
         just release it: the next event starts afresh (no retry storm while Label Studio is down)."""
         requested, changed = self.pending(project)
         if not failed and (requested or changed >= self.min_new):
-            follow = f"retrain-{project}-{uuid.uuid4().hex[:12]}"
+            follow = new_job_id(project)
             if not self._hand_over_script(keys=[_key(project, "active")], args=[job.id, follow]):
                 return None  # the project is no longer this job's
             self._enqueue(project, follow, "follow-up: events during the previous run", job.func_name)
@@ -200,8 +217,8 @@ class RetrainQueue:
             status = Job.fetch(job_id, connection=self.redis).get_status()
         except NoSuchJobError:
             status = None
-        if status in _LIVE:
-            return job_id
+        if status in _LIVE or (status is None and _age_s(job_id) < ENQUEUE_GRACE_S):
+            return job_id  # live, or set by an event that is enqueueing it right now
         if self.release(project, job_id):
             logger.warning("project %s: released stale retrain job %s (status %s)", project, job_id, status)
             return None

@@ -15,6 +15,7 @@ _PATTERNS = [
     (re.compile(r"(?i)(['\"]?(?:access_token|api_key|refresh|password|token|secret|authorization)['\"]?\s*[:=]\s*"
                 r"[b]?['\"])[^'\"]+(['\"])"), r"\1***\2"),
     (re.compile(r"(?i)(access_token|api_key|token|secret|password)=([^&\s'\"]+)"), r"\1=***"),
+    (re.compile(r"(?im)^([\w-]*(?:secret|token|api-key|password)[\w-]*:[ \t]*)\S.*$"), r"\1***"),
 ]
 
 

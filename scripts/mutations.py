@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Switch each protection off in turn and run the test that names it: the test must fail.
 
-    .venv/bin/python scripts/mutations.py            # every mutation (about 15 minutes on 2 cores)
-    .venv/bin/python scripts/mutations.py routes cas # some of them, by name
+    .venv/bin/python scripts/mutations.py            # every mutation (about 20 minutes on 2 cores)
+    .venv/bin/python scripts/mutations.py routes cas # some of them, by name (the table then lists those)
 
-Each mutation replaces one snippet of production code (which must occur exactly once) with a
+First the named tests run with every protection on and must pass. Then each mutation replaces one snippet of production code (which must occur exactly once) with a
 version that disables the protection, runs the named tests with pytest, and restores the file
 whatever happens. A protection is "caught" when its tests fail with it switched off. The results
 go to the "Mutations" section of bench/results/hardening.md (the scenario section is the test
@@ -40,11 +40,8 @@ T_FD, T_HARD, T_RQ, T_TRAIN = "tests/test_front_door.py", "tests/test_hardening.
 
 MUTATIONS = [
     Mutation("routes", "only toothseg's four routes are served (label-studio-ml's /train, /versions, ... are 404)",
-             FD, "        if path not in ROUTES:\n", "        if False:\n",
-             (f"{T_FD}::test_only_toothseg_routes_are_served",)),
-    Mutation("methods", "each route answers its own method only", FD,
-             "        if method not in ROUTES[path]:", "        if path not in ROUTES or False:",
-             (f"{T_FD}::test_only_toothseg_routes_are_served",)),
+             FD, 'return _refuse(start_response, 404, f"no such route: {method} {path}", body_pending)',
+             "return self.app(environ, start_response)", (f"{T_FD}::test_only_toothseg_routes_are_served",)),
     Mutation("project-id", "project ids are digits with an optional .timestamp", "backend/registry.py",
              r'_PROJECT = re.compile(r"^([0-9]{1,18})(?:\.[0-9]{1,18})?$")',
              r'_PROJECT = re.compile(r"^([0-9]{1,18})(?:\..*)?$")',
@@ -73,6 +70,10 @@ MUTATIONS = [
              "            if total > limit:\n                return None\n            parts.append(part)",
              "            parts.append(part)",
              (f"{T_FD}::test_bodies_are_capped_before_they_are_read",)),
+    Mutation("json-500", "an exception that escapes the app is a JSON 500 without a traceback", FD,
+             "        try:\n            return self.app(environ, start_response)\n        except Exception as exc:",
+             "        try:\n            return self.app(environ, start_response)\n        except KeyboardInterrupt as exc:",
+             (f"{T_FD}::test_an_error_that_escapes_the_app_is_a_json_500_without_traceback",)),
     Mutation("download-deadline", "DOWNLOAD_TIMEOUT is for the whole download", IMG,
              "                            if time.monotonic() > deadline:\n                                raise timed_out\n",
              "", (f"{T_FD}::test_download_timeout_is_for_the_whole_download",)),
@@ -87,6 +88,25 @@ MUTATIONS = [
              "return o is not None and (o == origin(self.base_url) or o in self.allowlist)",
              "return o is not None and (o == origin(self.base_url) or any(o[1] == a[1] for a in self.allowlist))",
              (f"{T_FD}::test_allowlist_entries_are_origins",)),
+    Mutation("hop-deadline", "each redirect hop waits only for what is left of DOWNLOAD_TIMEOUT", IMG,
+             "                left = deadline - time.monotonic()\n", "                left = seconds\n",
+             (f"{T_FD}::test_download_timeout_is_for_the_whole_download",)),
+    Mutation("no-key-to-setup-host", "LABEL_STUDIO_API_KEY never goes to a host that /setup named", IMG,
+             '(access_token if named else "")', '(settings.label_studio_api_key or access_token if named else "")',
+             (f"{T_FD}::test_token_goes_to_label_studio_only",)),
+    Mutation("refresh-errors", "a failed token refresh is a 502 ImageError, not a crash of the request", IMG,
+             "except (httpx.HTTPError, ValueError) as exc:", "except KeyError as exc:",
+             (f"{T_FD}::test_a_token_refresh_that_fails_is_a_clear_error",)),
+    Mutation("json-for-lsml-errors", "errors label-studio-ml answers as text (FileNotFoundError, ...) are JSON",
+             "backend/app.py", "for specific in (Exception, *_LABEL_STUDIO_ML_HANDLED):", "for specific in (Exception,):",
+             (f"{T_FD}::test_errors_label_studio_ml_would_answer_as_text_are_json",)),
+    Mutation("ignored-hosts-bounded", "hostnames /setup sent that are ignored are remembered bounded", "backend/app.py",
+             "if shown not in cls._ignored and len(cls._ignored) < cls._IGNORED_MAX:",
+             "if hostname not in cls._ignored:\n                shown = hostname",
+             (f"{T_FD}::test_errors_label_studio_ml_would_answer_as_text_are_json",)),
+    Mutation("latin-1-secret", "the webhook secret is compared as the bytes the client sent", FD,
+             '.encode("latin-1", "replace")', '.encode("utf-8", "surrogateescape")',
+             (f"{T_FD}::test_a_non_ascii_webhook_secret_matches",)),
     Mutation("pillow-guard", "Pillow's decompression-bomb guard stays on in the process", IMG,
              '_DEFAULT_PORTS = {"http": 80, "https": 443}\n',
              '_DEFAULT_PORTS = {"http": 80, "https": 443}\nImage.MAX_IMAGE_PIXELS = None\n',
@@ -94,6 +114,12 @@ MUTATIONS = [
     Mutation("traceback-redaction", "tracebacks in the log are redacted", SEC,
              "            record.exc_text = redact(record.exc_text)", "            pass",
              (f"{T_HARD}::test_tracebacks_are_redacted_too",)),
+    Mutation("header-redaction", "secret headers in the log (label-studio-ml's DEBUG dump) are redacted", SEC,
+             '    (re.compile(r"(?im)^([\\w-]*(?:secret|token|api-key|password)[\\w-]*:[ \\t]*)\\S.*$"), r"\\1***"),\n',
+             "", (f"{T_HARD}::test_secret_headers_logged_by_label_studio_ml_are_redacted",)),
+    Mutation("enqueue-grace", "an entry whose job is being enqueued is not taken for stale (no second job)", RQ,
+             "if status in _LIVE or (status is None and _age_s(job_id) < ENQUEUE_GRACE_S):", "if status in _LIVE:",
+             (f"{T_RQ}::test_an_entry_being_enqueued_is_not_taken_for_stale",)),
     Mutation("atomic-release", "a stale retrain-queue entry is released with compare-and-delete", RQ,
              "        return bool(self._release_script(keys=[_key(project, \"active\")], args=[job_id]))",
              "        return bool(self.redis.delete(_key(project, \"active\")))",
@@ -145,6 +171,17 @@ def main() -> int:
     chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
     from conftest import MUTATION_HEADING, write_section
 
+    # first, every protection on: the tests must pass, else a failure below proves nothing
+    tests = sorted({t for m in chosen for t in m.tests})
+    start = time.perf_counter()
+    base = subprocess.run([sys.executable, "-m", "pytest", "-q", "--no-header", "-p", "no:randomly", *tests],
+                          cwd=REPO, capture_output=True, text=True, timeout=args.timeout * 2)
+    baseline = (base.stdout.strip().splitlines() or [""])[-1]
+    print(f"baseline (no mutation): {baseline} in {time.perf_counter() - start:.0f} s", flush=True)
+    if base.returncode != 0:
+        print(base.stdout[-3000:], file=sys.stderr)
+        print("the tests fail with every protection on: fix them first", file=sys.stderr)
+        return 2
     rows = []
     for m in chosen:
         result, seconds, detail = run(m, args.timeout)
@@ -153,7 +190,7 @@ def main() -> int:
         rows.append(f"| {m.protection} | `{m.file}` | {tests} | {result} |")
     lines = [MUTATION_HEADING, "", f"Written by `{' '.join(['.venv/bin/python', 'scripts/mutations.py', *sys.argv[1:]])}`:"
              " each protection switched off in turn (its code replaced, `scripts/mutations.py` lists the snippets), "
-             "its tests run; caught = they failed.", "",
+             f"its tests run; caught = they failed. With every protection on, the same tests: {baseline}.", "",
              "| protection | where | tests | with the protection off |", "|---|---|---|---|", *rows]
     from conftest import HARDENING_TABLE
 

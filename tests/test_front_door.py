@@ -1,5 +1,5 @@
 """The front door (`backend.front_door`) and the download rules, against one real gunicorn backend
-(basic auth, webhook secret and a 2000-byte body limit on), raw sockets where the order of reading
+(basic auth, webhook secret and a 20000-byte body limit on), raw sockets where the order of reading
 matters, and local HTTP servers standing in for Label Studio and for a host nobody configured."""
 import base64
 import json
@@ -22,6 +22,7 @@ from conftest import BackendServer, register_model
 
 CONFIG = render_label_config()
 AUTH = ("ls", "s3cret")
+LIMIT = 20000  # MAX_REQUEST_BYTES of the module's backend: a /setup with the shipped labeling config fits
 SECRET = {"X-Toothseg-Webhook-Secret": "hook-key"}
 
 
@@ -62,13 +63,13 @@ def hosts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def door(tmp_path_factory, redis_server, trained_weights, hosts):
-    """One backend for the module: basic auth, webhook secret, MAX_REQUEST_BYTES=2000, a model."""
+    """One backend for the module: basic auth, webhook secret, MAX_REQUEST_BYTES=20000, a model."""
     models = tmp_path_factory.mktemp("models")
     register_model(models, "1", trained_weights)
     (ls_url, _), _ = hosts
     env = {"MODEL_DIR": str(models), "REDIS_URL": redis_server.url, "TRAIN_QUEUE": "front-door-test",
            "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "WEBHOOK_SECRET": "hook-key",
-           "MAX_REQUEST_BYTES": "2000", "PREDICT_BATCH_LIMIT": "0", "LABEL_STUDIO_URL": ls_url,
+           "MAX_REQUEST_BYTES": str(LIMIT), "PREDICT_BATCH_LIMIT": "0", "LABEL_STUDIO_URL": ls_url,
            "LABEL_STUDIO_API_KEY": "LS-TOKEN-123456", "SCORE_THRESHOLD": "0.05"}
     server = BackendServer(env, tmp_path_factory.mktemp("log") / "backend.log")
     yield server
@@ -76,7 +77,8 @@ def door(tmp_path_factory, redis_server, trained_weights, hosts):
 
 
 def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 5.0) -> bytes:
-    """Send `head` (and `body`) on a raw socket and return what comes back before `timeout`."""
+    """Send `head` (and `body`) on a raw socket and return the response (status line, headers and
+    its Content-Length of body) as soon as it is complete, or what came before `timeout`."""
     host, port = url.split("//")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         s.sendall(head.encode() + b"\r\n" + body)
@@ -84,6 +86,12 @@ def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 5.0) ->
         try:
             while chunk := s.recv(65536):
                 data += chunk
+                headers, sep, rest = data.partition(b"\r\n\r\n")
+                if sep:
+                    length = next((int(line.split(b":")[1]) for line in headers.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), None)
+                    if length is not None and len(rest) >= length:
+                        break
         except (socket.timeout, ConnectionResetError):
             pass
     return data
@@ -138,7 +146,7 @@ def test_credentials_are_checked_as_bytes_and_both_always(door, monkeypatch):
 
 # --- bodies ----------------------------------------------------------------------------------------
 
-@pytest.mark.scenario("A 5 MB body against MAX_REQUEST_BYTES=2000, with a Content-Length and chunked, without "
+@pytest.mark.scenario("A 5 MB body against MAX_REQUEST_BYTES=20000, with a Content-Length and chunked, without "
                       "credentials and with them",
                       "401 or 413 before the body is read; the server keeps serving")
 def test_bodies_are_capped_before_they_are_read(door):
@@ -150,17 +158,16 @@ def test_bodies_are_capped_before_they_are_read(door):
         t = time.perf_counter()
         reply = raw_request(door.url, head, b"{" + b" " * 9, timeout=5)
         assert reply.split(b" ")[1] == status and time.perf_counter() - t < 4, reply[:200]
-        assert b"Connection: close" in reply or b"connection: close" in reply.lower()
-    # chunked: 3000 bytes in chunks, then the sender stalls (no last chunk): 413 as soon as 2000 are passed
+    # chunked: 30000 bytes in chunks, then the sender stalls (no last chunk): 413 as soon as LIMIT is passed
     head = f"POST /predict HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n"
-    body = b"".join(b"%x\r\n%s\r\n" % (500, b" " * 500) for _ in range(6))
+    body = b"".join(b"%x\r\n%s\r\n" % (1000, b" " * 1000) for _ in range(30))
     reply = raw_request(door.url, head, body, timeout=5)
     assert reply.split(b" ")[1] == b"413" and b"MAX_REQUEST_BYTES" in reply, reply[:300]
     # a chunked body under the limit goes through
     small = json.dumps({"project": "1", "schema": CONFIG[:10]}).encode()
-    assert len(small) < 2000
+    assert len(small) < LIMIT
     ok = raw_request(door.url, head, b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small), timeout=10)
-    assert ok.split(b" ")[1] == b"400" and b"labeling config" in ok  # read, parsed and answered by the app
+    assert ok.split(b" ")[1] == b"400" and b"'tasks' must be a list" in ok  # read, parsed, answered by the app
     assert httpx.get(f"{door.url}/health").status_code == 200
 
 
@@ -223,6 +230,29 @@ def test_token_goes_to_label_studio_only(hosts):
     loader.fetch(f"{other_url}/grey.png")
     assert seen_ls == [("/data/upload/1/grey.png", "Token LS-KEY-0042")]
     assert seen_other == [("/grey.png", None)]
+    # without LABEL_STUDIO_URL, an allowlisted host /setup names as Label Studio gets /setup's token, never
+    # LABEL_STUDIO_API_KEY
+    for sent, expected in (("", None), ("SETUP-TOKEN-7", "Token SETUP-TOKEN-7")):
+        seen_other.clear()
+        ImageLoader(Settings.from_env({"LABEL_STUDIO_API_KEY": "LS-KEY-0042", "IMAGE_HOST_ALLOWLIST": other_url}),
+                    hostname=other_url, access_token=sent).fetch("/data/upload/1/grey.png")
+        assert seen_other == [("/data/upload/1/grey.png", expected)]
+
+
+def test_a_token_refresh_that_fails_is_a_clear_error():
+    """A personal access token (JWT refresh token) and a Label Studio that does not answer: a 502
+    ImageError, not an exception that fails the whole /predict."""
+    import jwt
+
+    refresh = jwt.encode({"exp": int(time.time()) + 3600, "token_type": "refresh"}, "k", algorithm="HS256")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loader = ImageLoader(Settings.from_env({"LABEL_STUDIO_URL": f"http://127.0.0.1:{port}",
+                                            "LABEL_STUDIO_API_KEY": refresh}))
+    with pytest.raises(ImageError, match="could not get an access token from Label Studio") as err:
+        loader.fetch("/data/upload/1/grey.png")
+    assert err.value.status == 502
 
 
 def test_allowlist_entries_are_origins():
@@ -242,6 +272,12 @@ class _Drip(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        if self.path.startswith("/slow-redirect"):  # each hop answers after 0.7 s, within a per-read timeout of 1 s
+            time.sleep(0.7)
+            self.send_response(302)
+            self.send_header("Location", "/slow-redirect")
+            self.end_headers()
+            return
         self.send_response(200)
         self.send_header("Content-Length", "40")
         self.end_headers()
@@ -263,6 +299,10 @@ def test_download_timeout_is_for_the_whole_download():
         with pytest.raises(ImageError, match="longer than DOWNLOAD_TIMEOUT"):
             loader.fetch(f"{url}/drip.png")
         assert time.perf_counter() - t < 1.8
+        t = time.perf_counter()  # redirects: the deadline holds across hops, each waits only for what is left
+        with pytest.raises(ImageError, match="longer than DOWNLOAD_TIMEOUT"):
+            loader.fetch(f"{url}/slow-redirect")
+        assert time.perf_counter() - t < 1.5
     finally:
         server.shutdown()
 
@@ -273,3 +313,64 @@ def test_pillow_keeps_its_own_guard():
     import backend.images  # noqa: F401  (importing it must not switch the guard off)
 
     assert PIL.Image.MAX_IMAGE_PIXELS is not None and PIL.Image.MAX_IMAGE_PIXELS > 0
+
+
+def test_errors_label_studio_ml_would_answer_as_text_are_json(tmp_path, monkeypatch):
+    """label-studio-ml registers its own handlers for FileNotFoundError, AssertionError, IndexError
+    and NoSuchJobError (plain text, file paths included); toothseg's app answers them as JSON."""
+    from backend import app as app_module
+    from backend.runtime import reset_runtime
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    reset_runtime()
+    app = app_module.create_app()
+    original = app.view_functions["_predict"]
+    try:
+        for error in (FileNotFoundError("/srv/models/1/CURRENT"), AssertionError("x"), IndexError("y")):
+            def broken(error=error):
+                raise error
+            app.view_functions["_predict"] = broken
+            r = app.test_client().post("/predict", json={})
+            assert r.status_code == 500 and r.json["error"].startswith("internal error"), r.get_data()
+            assert "/srv/models" not in r.get_data(as_text=True)
+        # a /setup naming hosts nobody configured, many times over: logged once each, kept bounded
+        for i in range(150):
+            r = app.test_client().post("/setup", json={"project": "1", "schema": CONFIG,
+                                                       "hostname": f"http://h{i}.invalid/{'x' * 5000}"})
+            assert r.status_code == 200
+        assert len(app_module.ToothSegManager._ignored) <= 100
+        assert all(len(h) <= 200 for h in app_module.ToothSegManager._ignored)
+    finally:
+        app.view_functions["_predict"] = original
+        reset_runtime()
+
+
+def test_a_non_ascii_webhook_secret_matches():
+    """gunicorn hands header values over latin-1 decoded (PEP 3333): the secret is compared as the
+    bytes the client sent."""
+    from werkzeug.test import EnvironBuilder
+
+    door = front_door.FrontDoor(lambda environ, start_response: start_response("200 OK", []) or [b"in"],
+                                Settings.from_env({"WEBHOOK_SECRET": "clé-ü-9"}))
+    for sent, status in (("clé-ü-9", "200 OK"), ("cle-u-9", "401 Unauthorized")):
+        environ = EnvironBuilder(path="/webhook", method="POST", json={}).get_environ()
+        environ["HTTP_X_TOOTHSEG_WEBHOOK_SECRET"] = sent.encode().decode("latin-1")
+        answered = []
+        door(environ, lambda s, headers, exc_info=None: answered.append(s))
+        assert answered == [status], sent
+
+
+def test_an_error_that_escapes_the_app_is_a_json_500_without_traceback(caplog):
+    from werkzeug.test import EnvironBuilder
+
+    def broken(environ, start_response):
+        raise RuntimeError("secret detail /srv/models/1 in a traceback")
+
+    answered = []
+    environ = EnvironBuilder(path="/predict", method="POST", json={"tasks": []}).get_environ()
+    body = b"".join(front_door.FrontDoor(broken, Settings.from_env({}))(
+        environ, lambda status, headers, exc_info=None: answered.append((status, dict(headers)))))
+    assert answered[0][0] == "500 Internal Server Error" and answered[0][1]["Content-Type"] == "application/json"
+    assert json.loads(body) == {"error": "internal error (RuntimeError); see the backend log", "status": 500}
+    assert b"Traceback" not in body and b"secret detail" not in body
+    assert "unexpected error on POST /predict" in caplog.text  # the traceback goes to the log

@@ -135,6 +135,16 @@ def test_tracebacks_are_redacted_too():
     assert "TRACEBACK-TOKEN-4242" not in text and "QUERY-TOKEN-77" not in text and "Token ***" in text
 
 
+def test_secret_headers_logged_by_label_studio_ml_are_redacted():
+    """label-studio-ml logs request headers at DEBUG, one "Name: value" per line."""
+    from backend.security import redact
+
+    headers = "Host: backend:9090\nX-Toothseg-Webhook-Secret: hook-key-31\nX-Api-Key: key-55\nContent-Type: a/b\n"
+    cleaned = redact(headers)
+    assert "hook-key-31" not in cleaned and "key-55" not in cleaned
+    assert "Host: backend:9090" in cleaned and "Content-Type: a/b" in cleaned
+
+
 @pytest.mark.scenario("Images over HTTP: CMYK JPEG, RGBA PNG, 12-bit-in-16-bit PNG, a truncated PNG and a 3 s "
                       "download with DOWNLOAD_TIMEOUT=1 in one batch",
                       "the decodable images are predicted, the truncated and slow ones get an empty prediction "

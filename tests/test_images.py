@@ -120,6 +120,14 @@ def test_local_files_only_under_the_document_root(image_root):
     assert err.value.status == 404
 
 
+def test_a_relative_document_root_is_read_from_the_working_directory(image_root, monkeypatch):
+    monkeypatch.chdir(image_root.parent)  # LOCAL_FILES_DOCUMENT_ROOT=root, as in a .env next to the data
+    loader = ImageLoader(settings(LOCAL_FILES_DOCUMENT_ROOT="root"))
+    assert np.array_equal(loader.load("/data/local-files/?d=images/a.png").pixels, GREY)
+    with pytest.raises(ImageError, match="outside the document root"):
+        loader.load("/data/local-files/?d=../secret.png")
+
+
 def test_local_paths_refused_without_a_root():
     with pytest.raises(ImageError, match="LOCAL_FILES_DOCUMENT_ROOT is not set"):
         ImageLoader(settings()).load("/srv/x.png")
@@ -161,8 +169,13 @@ def test_label_studio_urls_with_auth(http_root):
     assert np.array_equal(loader.load("/data/upload/1/a.png").pixels, GREY)
     assert np.array_equal(loader.load(f"{base}/data/upload/1/a.png").pixels, GREY)
     assert http_root.seen[-1] == ("/data/upload/1/a.png", "Token secret-token")
-    # the hostname/token that /setup sent are used when no LABEL_STUDIO_URL is configured
-    loader = ImageLoader(settings(), hostname=base, access_token="from-setup")
+    # without LABEL_STUDIO_URL, the hostname /setup sent is Label Studio only if it is allowlisted
+    with pytest.raises(ImageError, match="no LABEL_STUDIO_URL is set"):
+        ImageLoader(settings(), hostname=base, access_token="from-setup").load("/data/upload/1/a.png")
+    for entry in (f"https://127.0.0.1:{http_root.server_port}", "127.0.0.1"):  # another scheme, another port
+        with pytest.raises(ImageError, match="no LABEL_STUDIO_URL is set"):
+            ImageLoader(settings(IMAGE_HOST_ALLOWLIST=entry), hostname=base).load("/data/upload/1/a.png")
+    loader = ImageLoader(settings(IMAGE_HOST_ALLOWLIST=base), hostname=base, access_token="from-setup")
     loader.load("/data/upload/1/a.png")
     assert http_root.seen[-1][1] == "Token from-setup"
     # a redirect within Label Studio is followed
@@ -182,7 +195,10 @@ def test_foreign_hosts_and_redirects_out_are_refused(http_root):
     assert err.value.status == 403 and len(http_root.seen) == n  # refused before any request
     with pytest.raises(ImageError, match="'localhost:1' is not Label Studio's"):
         loader.load(f"{base}/redirect-out")
-    allowed = ImageLoader(settings(LABEL_STUDIO_URL="http://ls.invalid", IMAGE_HOST_ALLOWLIST=f"127.0.0.1:{http_root.server_port}"))
+    for entry in ("127.0.0.1", f"https://127.0.0.1:{http_root.server_port}"):  # the default port, another scheme
+        with pytest.raises(ImageError, match="not in IMAGE_HOST_ALLOWLIST"):
+            ImageLoader(settings(LABEL_STUDIO_URL="http://ls.invalid", IMAGE_HOST_ALLOWLIST=entry)).load(f"{base}/images/a.png")
+    allowed = ImageLoader(settings(LABEL_STUDIO_URL="http://ls.invalid", LABEL_STUDIO_API_KEY="tok", IMAGE_HOST_ALLOWLIST=base))
     assert np.array_equal(allowed.load(f"{base}/images/a.png").pixels, GREY)
     assert http_root.seen[-1][1] is None  # no token sent to an allowlisted third-party host
     with pytest.raises(ImageError, match="unsupported image URL scheme"):

@@ -229,6 +229,23 @@ def test_a_stale_entry_is_released_atomically(redis_url):
     assert second.active_job("9") == new and event(second, "9", start_training=True).status == "coalesced"
 
 
+def test_an_entry_being_enqueued_is_not_taken_for_stale(redis_url):
+    """An event has set `active` and not yet enqueued its job (the gap between the two): another
+    event must not release the entry and enqueue a second job; an entry that stays unknown to rq
+    past the grace (its event died in the gap) is released."""
+    from backend.retrain_queue import ENQUEUE_GRACE_S, new_job_id
+
+    r = redis.Redis.from_url(redis_url)
+    q = queue_for(redis_url)
+    fresh = new_job_id("21")
+    r.set("toothseg:project:21:active", fresh)
+    assert q.active_job("21") == fresh and event(q, "21", start_training=True).status == "coalesced"
+    old = fresh.rsplit("-", 2)
+    old[1] = f"{int(old[1], 16) - int(ENQUEUE_GRACE_S * 1000) - 1000:x}"
+    r.set("toothseg:project:21:active", "-".join(old))
+    assert q.active_job("21") is None and event(q, "21", start_training=True).status == "enqueued"
+
+
 def test_train_now_takes_the_project_lock(redis_url, tmp_path):
     import sys
 

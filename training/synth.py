@@ -693,7 +693,8 @@ def train_synthetic_detector(work: Path, n: int = 24, seed: int = 1000, size: tu
                              **train_overrides) -> Path:
     """Train a YOLOv8-seg on `n` synthetic X-rays (tests and benchmarks: no weights can be
     downloaded); returns the best weights. The product's training defaults ("small" preset) at
-    imgsz 320 with a 4-minute budget, unless `train_overrides` say otherwise."""
+    imgsz 320, 1000 steps without a time budget (the same model on any machine), unless
+    `train_overrides` say otherwise."""
     from backend.preprocess import pixel_statistics
     from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
     from training.train import TrainConfig, train_model
@@ -701,7 +702,7 @@ def train_synthetic_detector(work: Path, n: int = 24, seed: int = 1000, size: tu
     items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
              enumerate(generate(seed + i, size) for i in range(n))]
     train, val = split_train_val([it.key for it in items], 0.15)
-    config = TrainConfig(**{**dict(imgsz=320, time_budget=4.0), **train_overrides})
+    config = TrainConfig(**{**dict(imgsz=320, steps=1000, time_budget=0.0), **train_overrides})
     train_items, val_items = [it for it in items if it.key in train], [it for it in items if it.key in val]
     data = write_yolo_dataset(train_items, val_items, Path(work) / "dataset", tooth_class=config.tooth_class)
     mean, std = pixel_statistics([it.pixels for it in train_items])
