@@ -103,7 +103,7 @@ MUTATIONS = [
     Mutation("ignored-hosts-bounded", "hostnames /setup sent that are ignored are remembered bounded", "backend/app.py",
              "if shown not in cls._ignored and len(cls._ignored) < cls._IGNORED_MAX:",
              "if hostname not in cls._ignored:\n                shown = hostname",
-             (f"{T_FD}::test_errors_label_studio_ml_would_answer_as_text_are_json",)),
+             (f"{T_FD}::test_ignored_setup_hostnames_are_remembered_bounded",)),
     Mutation("latin-1-secret", "the webhook secret is compared as the bytes the client sent", FD,
              '.encode("latin-1", "replace")', '.encode("utf-8", "surrogateescape")',
              (f"{T_FD}::test_a_non_ascii_webhook_secret_matches",)),

@@ -315,34 +315,52 @@ def test_pillow_keeps_its_own_guard():
     assert PIL.Image.MAX_IMAGE_PIXELS is not None and PIL.Image.MAX_IMAGE_PIXELS > 0
 
 
-def test_errors_label_studio_ml_would_answer_as_text_are_json(tmp_path, monkeypatch):
-    """label-studio-ml registers its own handlers for FileNotFoundError, AssertionError, IndexError
-    and NoSuchJobError (plain text, file paths included); toothseg's app answers them as JSON."""
+@pytest.fixture(scope="module")
+def in_process_app(tmp_path_factory):
+    """toothseg's Flask app (create_app) in this process, with an empty MODEL_DIR."""
     from backend import app as app_module
     from backend.runtime import reset_runtime
 
-    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MODEL_DIR", str(tmp_path_factory.mktemp("in-process-models")))
     reset_runtime()
-    app = app_module.create_app()
-    original = app.view_functions["_predict"]
     try:
-        for error in (FileNotFoundError("/srv/models/1/CURRENT"), AssertionError("x"), IndexError("y")):
+        yield app_module.create_app()
+    finally:
+        reset_runtime()
+        mp.undo()
+
+
+def test_errors_label_studio_ml_would_answer_as_text_are_json(in_process_app):
+    """label-studio-ml registers its own handlers for FileNotFoundError, AssertionError, IndexError
+    and NoSuchJobError (plain text, file paths included); toothseg's app answers them as JSON."""
+    from rq.exceptions import NoSuchJobError
+
+    original = in_process_app.view_functions["_predict"]
+    try:
+        for error in (FileNotFoundError("/srv/models/1/CURRENT"), AssertionError("x"), IndexError("y"),
+                      NoSuchJobError("/srv/models/job")):
             def broken(error=error):
                 raise error
-            app.view_functions["_predict"] = broken
-            r = app.test_client().post("/predict", json={})
+            in_process_app.view_functions["_predict"] = broken
+            r = in_process_app.test_client().post("/predict", json={})
             assert r.status_code == 500 and r.json["error"].startswith("internal error"), r.get_data()
             assert "/srv/models" not in r.get_data(as_text=True)
-        # a /setup naming hosts nobody configured, many times over: logged once each, kept bounded
-        for i in range(150):
-            r = app.test_client().post("/setup", json={"project": "1", "schema": CONFIG,
-                                                       "hostname": f"http://h{i}.invalid/{'x' * 5000}"})
-            assert r.status_code == 200
-        assert len(app_module.ToothSegManager._ignored) <= 100
-        assert all(len(h) <= 200 for h in app_module.ToothSegManager._ignored)
     finally:
-        app.view_functions["_predict"] = original
-        reset_runtime()
+        in_process_app.view_functions["_predict"] = original
+
+
+def test_ignored_setup_hostnames_are_remembered_bounded(in_process_app):
+    """A /setup naming hosts nobody configured, many times over: each is logged once, and what is
+    remembered of them stays bounded (at most 100, 200 characters each)."""
+    from backend.app import ToothSegManager
+
+    for i in range(150):
+        r = in_process_app.test_client().post("/setup", json={"project": "1", "schema": CONFIG,
+                                                               "hostname": f"http://h{i}.invalid/{'x' * 5000}"})
+        assert r.status_code == 200
+    assert len(ToothSegManager._ignored) <= 100
+    assert all(len(h) <= 200 for h in ToothSegManager._ignored)
 
 
 def test_a_non_ascii_webhook_secret_matches():
