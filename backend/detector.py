@@ -26,9 +26,14 @@ from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils import nms, ops
 
 from backend import fdi
+from backend.mask_refiner import CHECKPOINT_KEY, CROP_H, CROP_W, MaskRefiner, crop_image, crop_window, paste
 from backend.preprocess import letterbox
 
 logger = logging.getLogger(__name__)
+
+REFINER_MIN_AGREEMENT = 0.5
+"""IoU between the learned refiner's mask and the guided-filter mask below which the refiner is
+taken to have lost the tooth (an undertrained refiner, an unusual crop) and the latter is kept."""
 
 
 @dataclass
@@ -49,44 +54,92 @@ class Candidates:
     input_hw: tuple[int, int]
     boxes_input: torch.Tensor
     image_hw: tuple[int, int]
+    refiner: MaskRefiner | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def masks(self, indices: Sequence[int], guide: np.ndarray | None = None) -> np.ndarray:
+    def _letterbox_geometry(self) -> tuple[float, float, float]:
+        """(gain, pad_x, pad_y): original pixels -> letterboxed input pixels."""
+        (h, w), (ih, iw) = self.image_hw, self.input_hw
+        gain = min(ih / h, iw / w)
+        return gain, (iw - round(w * gain)) / 2, (ih - round(h * gain)) / 2
+
+    def _logits(self, indices: Sequence[int]) -> torch.Tensor:
+        """(k, 1, ph, pw) prototype-resolution mask logits of the candidates `indices`."""
+        nm, ph, pw = self.proto.shape
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        with torch.no_grad():
+            return (self.coefficients[idx].float() @ self.proto.float().reshape(nm, -1)).reshape(-1, 1, ph, pw)
+
+    def _sample(self, logits: torch.Tensor, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Mask probability (len(ys), len(xs)) of one candidate's logits (1, 1, ph, pw) at the
+        original-image coordinates xs (columns) and ys (rows), continuous (pixel i covers [i, i + 1))."""
+        ih, iw = self.input_hw
+        gain, pad_x, pad_y = self._letterbox_geometry()
+        gx = torch.as_tensor(2 * (xs * gain + pad_x) / iw - 1, dtype=torch.float32)
+        gy = torch.as_tensor(2 * (ys * gain + pad_y) / ih - 1, dtype=torch.float32)
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
+        with torch.no_grad():
+            return F.grid_sample(logits, grid, mode="bilinear", align_corners=False)[0, 0].sigmoid().numpy()
+
+    def refiner_inputs(self, indices: Sequence[int], pixels: np.ndarray,
+                       windows: Sequence[Sequence[float]] | None = None) -> np.ndarray:
+        """(k, 2, CROP_H, CROP_W) float32 inputs of the mask refiner for the candidates `indices`:
+        the radiograph `pixels` ((H, W) uint8) and YOLO's mask probability (scaled to [-1, 1]) on
+        each candidate's crop grid (`windows`, default `crop_window` of its box)."""
+        windows = windows if windows is not None else [crop_window(self.boxes[i]) for i in indices]
+        out = np.zeros((len(indices), 2, CROP_H, CROP_W), dtype=np.float32)
+        if len(indices) == 0:
+            return out
+        logits = self._logits(indices)
+        for k, (x1, y1, x2, y2) in enumerate(windows):
+            xs = x1 + (np.arange(CROP_W) + 0.5) * (x2 - x1) / CROP_W
+            ys = y1 + (np.arange(CROP_H) + 0.5) * (y2 - y1) / CROP_H
+            out[k, 0] = crop_image(pixels, (x1, y1, x2, y2))
+            out[k, 1] = self._sample(logits[k:k + 1], xs, ys) * 2 - 1
+        return out
+
+    def masks(self, indices: Sequence[int], guide: np.ndarray | None = None, learned: bool = True) -> np.ndarray:
         """(k, H, W) bool masks at the original image size for the candidates `indices`.
 
-        Each mask's logits are sampled from the prototypes at the original pixels of its box (plus
-        one prototype cell around it), so its outline follows the logits at full resolution.
-        `guide`: the (H, W) uint8 image; when given, each tooth's probability is refined by a
-        guided filter on it (`guided_filter`, radius one prototype cell) before thresholding.
+        Without `guide`, each mask's logits are sampled from the prototypes at the original pixels
+        of its box (plus one prototype cell around it), so its outline follows the logits at full
+        resolution. `guide`: the (H, W) uint8 image; when given, the model's learned mask refiner
+        (`backend.mask_refiner`) redraws each mask from the image and YOLO's probability (where its
+        mask agrees with the guided filter's by IoU >= REFINER_MIN_AGREEMENT), or, for a model
+        without one or with `learned` False, each tooth's probability is refined by a guided filter
+        on the image (`guided_filter`, radius one prototype cell) before thresholding.
         """
         h, w = self.image_hw
         out = np.zeros((len(indices), h, w), dtype=bool)
         if len(indices) == 0:
             return out
+        if guide is not None and learned and self.refiner is not None:
+            out = self.masks(indices, guide, learned=False)
+            windows = [crop_window(self.boxes[i]) for i in indices]
+            logits = self.refiner.predict(self.refiner_inputs(indices, guide, windows))
+            for k, window in enumerate(windows):
+                rows, cols, mask = paste(logits[k], window, self.image_hw)
+                before = out[k, rows, cols]
+                agreement = (mask & before).sum() / max((mask | before).sum(), 1)
+                if agreement >= REFINER_MIN_AGREEMENT:  # else the refiner lost the tooth: keep the filtered mask
+                    out[k] = False
+                    out[k, rows, cols] = mask
+            return out
         ih, iw = self.input_hw
         nm, ph, pw = self.proto.shape
         gain = min(ih / h, iw / w)
-        pad_x, pad_y = (iw - round(w * gain)) / 2, (ih - round(h * gain)) / 2
         cell = ih / ph / gain  # original pixels per prototype pixel
         margin = int(np.ceil(cell))
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        with torch.no_grad():
-            logits = (self.coefficients[idx].float() @ self.proto.float().reshape(nm, -1)).reshape(-1, 1, ph, pw)
+        logits = self._logits(indices)
         for k, i in enumerate(indices):
             x1, y1, x2, y2 = self.boxes[i]
             cx1, cy1 = max(int(np.floor(x1)) - margin, 0), max(int(np.floor(y1)) - margin, 0)
             cx2, cy2 = min(int(np.ceil(x2)) + margin, w), min(int(np.ceil(y2)) + margin, h)
             if cx2 <= cx1 or cy2 <= cy1:
                 continue
-            # pixel centres of the crop -> grid_sample's [-1, 1] over the letterboxed input
-            gx = torch.as_tensor(2 * ((np.arange(cx1, cx2) + 0.5) * gain + pad_x) / iw - 1, dtype=torch.float32)
-            gy = torch.as_tensor(2 * ((np.arange(cy1, cy2) + 0.5) * gain + pad_y) / ih - 1, dtype=torch.float32)
-            grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
-            with torch.no_grad():
-                crop = F.grid_sample(logits[k:k + 1], grid, mode="bilinear", align_corners=False)[0, 0]
-            prob = crop.sigmoid().numpy()
+            prob = self._sample(logits[k:k + 1], np.arange(cx1, cx2) + 0.5, np.arange(cy1, cy2) + 0.5)
             inside = np.zeros_like(prob, dtype=bool)  # the box, as ultralytics' crop_mask
             bx1, by1 = max(int(round(x1)) - cx1, 0), max(int(round(y1)) - cy1, 0)
             inside[by1:int(round(y2)) - cy1, bx1:int(round(x2)) - cx1] = True
@@ -102,7 +155,7 @@ def guided_filter(image: np.ndarray, p: np.ndarray, radius: int, eps: float = 1e
     float32) smoothed so that its edges follow the edges of `image` ((h, w) float32 in [0, 1]),
     with box windows of side 2 * radius + 1 and regularisation `eps`. Edge-aware upsampling of the
     prototype-resolution mask: where the radiograph shows the tooth's outline, the mask snaps to it
-    (bench/bench_cold_start.py measures the gain)."""
+    (bench/bench_loop.py measures the gain: its "no mask refinement" and "guided filter" rows)."""
     def mean(x: np.ndarray) -> np.ndarray:
         return cv2.boxFilter(x, -1, (2 * radius + 1, 2 * radius + 1))
 
@@ -116,8 +169,9 @@ class Detector:
     """A loaded YOLOv8-seg model. Thread-safe: one forward pass at a time."""
 
     def __init__(self, model: torch.nn.Module, imgsz: int, device: str = "cpu", conf: float = 0.05,
-                 iou: float = 0.6, max_det: int = 100):
+                 iou: float = 0.6, max_det: int = 100, refiner: MaskRefiner | None = None):
         self.model = model
+        self.refiner = refiner
         self.imgsz = int(imgsz)
         self.device = torch.device(device)
         self.conf = conf
@@ -134,11 +188,14 @@ class Detector:
 
     @classmethod
     def load(cls, weights: Path, imgsz: int | None = None, device: str = "cpu", **kwargs) -> "Detector":
-        """Load an ultralytics .pt (toothseg's or any YOLOv8-seg whose class names are FDI labels)."""
+        """Load an ultralytics .pt (toothseg's or any YOLOv8-seg whose class names are FDI labels),
+        with the mask refiner trained with it when the checkpoint holds one."""
         model, ckpt = load_checkpoint(str(weights), device=torch.device(device), fuse=True)
         if imgsz is None:
             imgsz = int((ckpt.get("train_args") or {}).get("imgsz") or 640)
-        return cls(model.eval(), imgsz=imgsz, device=device, **kwargs)
+        state = ckpt.get(CHECKPOINT_KEY)
+        refiner = MaskRefiner.from_state(state, device) if state else None
+        return cls(model.eval(), imgsz=imgsz, device=device, refiner=refiner, **kwargs)
 
     def prepare(self, pixels: np.ndarray) -> torch.Tensor:
         """(H, W) uint8 grey -> the letterboxed (1, 3, h, w) input in [0, 1] on the model's device."""
@@ -167,7 +224,7 @@ class Detector:
         boxes = ops.scale_boxes(tuple(x.shape[2:]), boxes_input.clone(), image_hw).cpu().numpy()
         return Candidates(boxes=boxes.astype(np.float64), probs=probs, tooth=det[:, 4].cpu().numpy().astype(np.float64),
                           coefficients=det[:, 6:], proto=proto[0], input_hw=tuple(x.shape[2:]),
-                          boxes_input=boxes_input, image_hw=tuple(image_hw))
+                          boxes_input=boxes_input, image_hw=tuple(image_hw), refiner=self.refiner)
 
     def detect(self, pixels: np.ndarray) -> Candidates:
         """(H, W) uint8 grey image -> candidates."""

@@ -21,14 +21,16 @@ logger = logging.getLogger(__name__)
 class PipelineOptions:
     """min_score: weakest numbering probability kept; prior_weight: weight of the arch-order prior;
     hungarian: False numbers each candidate by its top class (ablation); use_sam: refine with SAM
-    when a refiner is loaded; refine_masks: snap YOLO's masks to the image's edges
-    (`backend.detector.guided_filter`)."""
+    when a refiner is loaded; refine_masks: redraw YOLO's masks on the image, with the model's learned
+    mask refiner (`backend.mask_refiner`) when it has one and `mask_refiner` is on, else by snapping
+    them to the image's edges (`backend.detector.guided_filter`)."""
 
     min_score: float = 0.25
     prior_weight: float = 3.0
     hungarian: bool = True
     use_sam: bool = True
     refine_masks: bool = True
+    mask_refiner: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "PipelineOptions":
@@ -61,7 +63,7 @@ class Pipeline:
                 numbered = argmax_labels(candidates.probs, opts.min_score, tooth)
         with timer.stage("masks"):
             indices = [a.index for a in numbered]
-            masks = candidates.masks(indices, image.pixels if opts.refine_masks else None)
+            masks = candidates.masks(indices, image.pixels if opts.refine_masks else None, opts.mask_refiner)
         boxes = candidates.boxes[indices] if indices else np.zeros((0, 4))
         if self.refiner is not None and opts.use_sam and indices:
             with self.refiner.lock:

@@ -56,8 +56,9 @@ class Settings:
     detector_conf: float = _setting("DETECTOR_CONF", "0.05", float,
         "YOLO candidate confidence before numbering (low on purpose: numbering decides).")
     mask_refine: bool = _setting("MASK_REFINE", "true", _bool,
-        "Snap YOLO's tooth masks to the radiograph's edges (guided filter, radius one prototype cell) before "
-        "SAM; false keeps the prototype masks as they are.")
+        "Redraw YOLO's tooth masks on the radiograph before SAM: with the model's learned mask refiner (trained "
+        "in each retrain, TRAIN_REFINER_STEPS), else by snapping them to its edges (guided filter, radius one "
+        "prototype cell); false keeps the prototype masks as they are.")
     sam_min_iou: float = _setting("SAM_MIN_IOU", "0.75", float,
         "Keep YOLO's own mask where SAM's predicted IoU is below this.")
     sam_min_agreement: float = _setting("SAM_MIN_AGREEMENT", "0.5", float,

@@ -357,7 +357,8 @@ def predict_seconds(stack) -> list[float]:
 
 
 QUICK_TRAINING = {"TRAIN_STEPS": 60, "TRAIN_WARM_STEPS": 40, "TRAIN_IMGSZ": 320, "TRAIN_WARMUP_STEPS": 0,
-                  "TRAIN_TIME_BUDGET": 0, "SCORE_THRESHOLD": 0.1}
+                  "TRAIN_TIME_BUDGET": 0, "TRAIN_REFINER_STEPS": 20, "TRAIN_REFINER_WARM_STEPS": 10,
+                  "SCORE_THRESHOLD": 0.1}
 """Short retrains for tests about the loop's mechanics (they warm-start from `trained_weights`)."""
 
 

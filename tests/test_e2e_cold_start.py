@@ -5,13 +5,15 @@ The one setting that differs from a user's is the documented test budget: TRAIN_
 product trains 1500 steps or until its 9-minute budget runs out, whichever comes first: about 1200
 steps on this 2-core machine; here 1000, about 7 minutes, so that CI stays within its hour; the
 9-minute budget still applies). Everything else, the learning rate, the batch, the augmentations,
-the image size, the tooth super-class, the budget and the gate, is what `docker compose up` ships.
+the image size, the tooth super-class, the learned mask refiner, the budget and the gate, is what
+`docker compose up` ships.
 """
 import time
 
 import numpy as np
 import pytest
 
+from backend.detector import Detector
 from backend.formats import result_to_masks
 from backend.registry import Registry
 from conftest import import_seeds, wait_for
@@ -47,6 +49,9 @@ def test_first_model_from_8_annotated_images_pre_annotates_the_rest(make_stack):
         assert meta["counts"] == {"train": 7, "val": 1, "pseudo": 0} and meta["parent"] is None
         assert meta["hyperparameters"]["preset"] == "small" and meta["hyperparameters"]["tooth_class"]
         assert "first model" in meta["gate"]
+        # the learned mask refiner was trained within the same budget and is part of the version
+        assert meta["mask_refiner"]["steps_run"] > 0, meta["mask_refiner"]
+        assert Detector.load(registry.get(project, version).weights).refiner is not None
         assert seconds < BUDGET_MINUTES * 60 + 60, f"promoted {seconds:.0f} s after Start training"
         # the job's outcome is on the ML backend's card in Label Studio
         title = client.ml.get(id=ml.id).title
@@ -67,7 +72,7 @@ def test_first_model_from_8_annotated_images_pre_annotates_the_rest(make_stack):
             scores.append(score_image(predicted, sample.masks()))
         mean = mean_scores(scores)
         print(f"\ncold start: promoted {version} {seconds:.0f} s after Start training "
-              f"({meta['steps_run']} steps, stopped by {meta['stopped_by']}); on the {len(pool)} other tasks IA "
+              f"({meta['steps_run']} steps, stopped by {meta['stopped_by']}; mask refiner {meta['mask_refiner']}); on the {len(pool)} other tasks IA "
               f"{mean.ia:.3f}, instance Dice {mean.instance_dice:.3f} (per task {np.round([s.ia for s in scores], 2)})")
         assert mean.ia >= 0.8, mean
     except BaseException:

@@ -2,6 +2,7 @@
 the panoramic canvas, the time budget, the steps-based length, the mask refinement, and the
 numbering of candidates by their tooth score."""
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -128,7 +129,10 @@ def test_length_in_steps_and_presets():
     assert config.warm().steps == config.warm_steps
     paper = preset("paper")
     assert (paper.epochs, paper.batch, paper.lr0, paper.optimizer, paper.proto_stride) == (100, 10, 1e-3, "SGD", 2)
-    assert paper.epochs_for(7) == 100 and paper.warm() == paper and paper.time_budget == 0
+    assert paper.epochs_for(7) == 100 and paper.time_budget == 0
+    # a warm start keeps the paper's epochs; only the mask refiner trains its shorter warm length
+    assert paper.warm() == replace(paper, refiner_steps=paper.refiner_warm_steps)
+    assert config.warm().refiner_steps == config.refiner_warm_steps < config.refiner_steps
     assert TrainConfig.from_env({"TRAIN_PRESET": "paper", "TRAIN_BATCH": "4"}).batch == 4
     assert TrainConfig.from_env({"TRAIN_TOOTH_CLASS": "false"}).tooth_class is False
     with pytest.raises(ValueError, match="TRAIN_PRESET"):

@@ -1,16 +1,17 @@
 """The retraining job run by `rq worker` (paper, section 2.2: the loop's "retrain" step).
 
     export (label-studio-sdk) -> images and masks -> YOLO-seg dataset (split by task id)
-    -> train (warm start from the current model, within the time budget) -> score candidate and
-    current on the same validation split -> gate -> store the version -> promote, or keep the
-    current model and record why
+    -> train (warm start from the current model, within the time budget) -> train the learned
+    mask refiner on the new detector's candidates (`training.refiner_training`, stored in its
+    weights) -> score candidate and current on the same validation split -> gate -> store the
+    version -> promote, or keep the current model and record why
 
 `run_retrain` runs these steps in order, each a function of its own. The job has a time budget
-(TRAIN_TIME_BUDGET minutes, from the job's start to its decision): the training gets what the
-export and download leave, less a reserve for the evaluation. Progress is written to the rq
-job's meta (`stage`, `progress`, `detail`, the budget), which `toothseg status` reads, to the
-worker's log, and to the project's ML backend in Label Studio (`training.ls_status`), where the
-outcome says what to do next when a model is not promoted.
+(TRAIN_TIME_BUDGET minutes, from the job's start to its decision): the detector's training gets
+what the export and download leave, less a reserve for the mask refiner and the evaluation.
+Progress is written to the rq job's meta (`stage`, `progress`, `detail`, the budget), which
+`toothseg status` reads, to the worker's log, and to the project's ML backend in Label Studio
+(`training.ls_status`), where the outcome says what to do next when a model is not promoted.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from training.export import AnnotatedTask, ExportError, annotated_tasks, export_
     manifest_for
 from training.ls_status import LabelStudioStatus
 from training.promotion import promote, reject, store_version, utc_now
+from training.refiner_training import RefinerResult, reserve_seconds, train_refiner
 from training.train import TrainConfig, TrainResult, train_model
 
 logger = logging.getLogger("toothseg.retrain")
@@ -45,6 +47,10 @@ logger = logging.getLogger("toothseg.retrain")
 EVALUATION_RESERVE_S = 20.0
 """Seconds of the budget kept for scoring and storing (plus EVALUATION_S_PER_IMAGE per validation image)."""
 EVALUATION_S_PER_IMAGE = 1.0
+
+
+PROGRESS_STAGES = ("train", "refiner")
+"""Stages that report progress many times: Label Studio's status is updated at its own interval."""
 
 
 def _clock(seconds: float) -> str:
@@ -75,7 +81,7 @@ class Progress:
             self.job.save_meta()
         if self.label_studio is not None:
             text = detail if final else f"{stage}: {detail} ({self.budget()})"
-            self.label_studio.report(text, force=final or stage != "train")
+            self.label_studio.report(text, force=final or stage not in PROGRESS_STAGES)
 
 
 def _label_config(settings: Settings, project: str) -> str:
@@ -208,6 +214,20 @@ def train_step(settings: Settings, data: Dataset, work: Path, current: ModelVers
                        train_images=len(data.train_images))
 
 
+def refiner_step(settings: Settings, data: Dataset, result: TrainResult, current: ModelVersion | None,
+                 config: TrainConfig, deadline: float | None, report: Progress) -> RefinerResult:
+    """Train the learned mask refiner for the candidate's detector on the train split (warm-started
+    from the current model's refiner) and store it in the candidate's weights."""
+    from backend.detector import Detector
+
+    warm = Detector.load(current.weights).refiner if current is not None else None
+    report("refiner", f"mask refiner: {config.refiner_steps} steps on {len(data.train_images)} train images"
+                      f"{', warm start from ' + current.version if warm else ''}", 0.0)
+    return train_refiner(result.weights, data.train_images, config.refiner_steps, config.device, deadline, warm,
+                         seed=config.seed,
+                         on_step=lambda i, n: report("refiner", f"step {i}/{n}", i / n) if i % 25 == 0 else None)
+
+
 def gate_step(settings: Settings, candidate: Path, current: ModelVersion | None, data: Dataset, annotated: int,
               report: Progress) -> GateDecision:
     """Score candidate and current model on the validation split and decide."""
@@ -228,10 +248,11 @@ def _metrics(evaluation: Evaluation | None) -> dict[str, float] | None:
 
 
 def store_step(registry: Registry, project: str, job_id: str, result: TrainResult, decision: GateDecision,
-               data: Dataset, current: ModelVersion | None, config: TrainConfig, report: Progress
-               ) -> tuple[ModelVersion, bool, str]:
-    """Store the candidate as a version with its metadata, then promote or reject it: (version,
-    promoted, why). A promotion loses to a rollback or promotion made while it trained."""
+               data: Dataset, current: ModelVersion | None, config: TrainConfig, report: Progress,
+               refiner: RefinerResult | None = None) -> tuple[ModelVersion, bool, str]:
+    """Store the candidate (with its mask refiner, `refiner`: how it was trained) as a version with
+    its metadata, then promote or reject it: (version, promoted, why). A promotion loses to a
+    rollback or promotion made while it trained."""
     manifest = manifest_for(project, data.train_tasks, data.val_tasks, data.pseudo_records)
     meta = {
         "parent": current.version if current else None,
@@ -251,6 +272,7 @@ def store_step(registry: Registry, project: str, job_id: str, result: TrainResul
         "epochs_run": result.epochs_run,
         "steps_run": result.steps_run,
         "stopped_by": result.stopped_by,
+        "mask_refiner": refiner.as_dict() if refiner else None,
         "job_id": job_id,
     }
     version = store_version(registry, project, result.weights, meta, manifest)
@@ -292,9 +314,13 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     work = (settings.work_dir or settings.model_dir / ".work") / project / job_id
     data = dataset_step(settings, exported, work, current, config, report)
     reserve = EVALUATION_RESERVE_S + EVALUATION_S_PER_IMAGE * len(data.val_images) * (2 if current else 1)
-    result = train_step(settings, data, work, current, config, deadline and deadline - reserve, report)
+    refiner_reserve = reserve_seconds(config.refiner_steps, len(data.train_images), config.device)
+    result = train_step(settings, data, work, current, config, deadline and deadline - reserve - refiner_reserve,
+                        report)
+    refiner = refiner_step(settings, data, result, current, config, deadline and deadline - reserve, report)
     decision = gate_step(settings, result.weights, current, data, len(exported.annotated), report)
-    version, promoted, reason = store_step(registry, project, job_id, result, decision, data, current, config, report)
+    version, promoted, reason = store_step(registry, project, job_id, result, decision, data, current, config, report,
+                                           refiner)
     shutil.rmtree(work, ignore_errors=True)
     status = "promoted" if promoted else "rejected"
     summary = {"status": status, "version": version.version, "reason": reason, "advice": decision.advice,

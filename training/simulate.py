@@ -14,7 +14,8 @@ a pool and a held-out test set.
   model of a new project, with the product's defaults, and with each of toothseg's small-data
   changes switched off in turn: the tooth super-class and the position-keeping augmentations
   (ultralytics' mosaic, translation and scale instead) need their own training; the arch
-  geometry in the numbering, the Hungarian assignment and the mask refinement are switched off
+  geometry in the numbering, the Hungarian assignment, the learned mask refiner (the guided filter
+  instead) and all mask refinement are switched off
   at prediction time on the default model. Each is scored on the test set: STS metrics and the
   oracle's actions per image, which say where the remaining error comes from (added: missed
   teeth; relabeled: wrong numbers; redrawn: loose masks; deleted: extra regions).
@@ -66,6 +67,7 @@ COLD_VARIANTS: dict[str, dict[str, str]] = {
 PREDICTION_VARIANTS: dict[str, dict] = {
     "no arch geometry (class probabilities only)": {"prior_weight": 0.0},
     "arg-max labels (no Hungarian assignment)": {"hungarian": False},
+    "guided filter instead of the learned mask refiner": {"mask_refiner": False},
     "no mask refinement": {"refine_masks": False},
 }
 """Cold-start variants of the default model at prediction time: PipelineOptions fields."""
@@ -143,7 +145,8 @@ def preset(name: str, device: str = "cpu") -> SimConfig:
         return SimConfig(device=device)
     if name == "smoke":
         tiny = (("TRAIN_STEPS", "4"), ("TRAIN_WARM_STEPS", "2"), ("TRAIN_IMGSZ", "160"), ("TRAIN_WARMUP_STEPS", "0"),
-                ("TRAIN_TIME_BUDGET", "0"), ("TRAIN_VAL_STEPS", "2"))
+                ("TRAIN_TIME_BUDGET", "0"), ("TRAIN_VAL_STEPS", "2"), ("TRAIN_REFINER_STEPS", "2"),
+                ("TRAIN_REFINER_WARM_STEPS", "2"))
         return SimConfig(size=(320, 160), cold_sizes=(4,), pool=4, test=2, per_round=2, rounds=1, seeds=(0,),
                          device=device, train_env=tiny)
     if name == "full":
@@ -522,8 +525,10 @@ def format_report(config: SimConfig, results: Sequence[SeedResult], command: str
               f"{train.batch}, {train.optimizer} lr0 {train.lr0:g}, imgsz {train.imgsz}, proto stride "
               f"{train.proto_stride}, tooth super-class {'on' if train.tooth_class else 'off'}, mosaic "
               f"{train.mosaic:g}, translate {train.translate:g}, scale {train.scale:g}, time budget "
-              f"{train.time_budget:g} min per job. Pre-annotation: detector, numbering, "
-              + ("YOLO masks (no SAM checkpoint given)" if config.sam_checkpoint is None else f"SAM {config.sam}")
+              f"{train.time_budget:g} min per job, mask refiner {train.refiner_steps} steps "
+              f"({train.refiner_warm_steps} warm). Pre-annotation: detector, numbering, YOLO masks redrawn by the "
+              "learned mask refiner, "
+              + ("no SAM (no SAM checkpoint given)" if config.sam_checkpoint is None else f"SAM {config.sam}")
               + ". Every number: median (min-max) over the seeds.", "",
               "Oracle (`training.oracle`): regions matched to ground-truth teeth one to one by IoU; accepted at "
               "IoU >= 0.9 with the right label; relabeled: right place, wrong number; redrawn: matched, IoU < 0.9; "

@@ -4,7 +4,7 @@ Two presets (`TRAIN_PRESET`), every value overridable by a TRAIN_* environment v
 README) or by the caller:
 
 - "small" (the default), chosen by measurement for projects of 5-50 annotated images on a CPU
-  (`bench/bench_cold_start.py`): the length is given in optimizer steps, not epochs (with 7
+  (`bench/bench_loop.py`): the length is given in optimizer steps, not epochs (with 7
   training images an epoch is a handful of steps), the batch is small so those steps are many,
   the learning rate is high enough to train from scratch, the tooth super-class is on, and the
   augmentations keep positions meaningful (no mosaic, small translation and scaling: FDI numbers
@@ -47,7 +47,10 @@ class TrainConfig:
     starts from the project's current model (0: as steps); threads: torch CPU threads (0 = all cores);
     proto_stride: mask prototype stride (4 stock, 2 paper, 1); large_box_alpha: the large-box
     loss weight (0 = ultralytics' loss); tooth_class: the tooth super-class; cache: ultralytics'
-    image cache ("ram", "disk" or ""); the rest are ultralytics' arguments of the same name.
+    image cache ("ram", "disk" or ""); refiner_steps: optimizer steps of the learned mask refiner
+    after the detector (`training.refiner_training`; 0: none, masks fall back to the guided filter);
+    refiner_warm_steps: its steps when warm-started; the rest are ultralytics' arguments of the
+    same name.
     """
 
     preset: str = "small"
@@ -76,6 +79,8 @@ class TrainConfig:
     proto_stride: int = 4
     large_box_alpha: float = 4.0
     tooth_class: bool = True
+    refiner_steps: int = 200
+    refiner_warm_steps: int = 100
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "TrainConfig":
@@ -104,7 +109,8 @@ class TrainConfig:
 
     def warm(self) -> "TrainConfig":
         """The configuration of a training warm-started from the project's current model."""
-        return replace(self, steps=self.warm_steps) if self.warm_steps > 0 and self.steps > 0 else self
+        warm = replace(self, refiner_steps=self.refiner_warm_steps) if self.refiner_steps > 0 else self
+        return replace(warm, steps=self.warm_steps) if self.warm_steps > 0 and self.steps > 0 else warm
 
     def epochs_for(self, train_images: int) -> int:
         """Epochs that give `steps` optimizer steps on `train_images` images (or `epochs`)."""
