@@ -119,3 +119,12 @@ def test_a_short_warm_started_refiner_trains(trained_weights, tmp_path, steps):
     result = train_refiner(weights, train, steps, warm=warm)
     assert result.steps_run == steps, result
     assert Detector.load(weights).refiner.steps == 7 + steps
+
+
+def test_train_refiner_steps_0_means_no_refiner(trained_weights, tmp_path):
+    from training.refiner_training import train_refiner
+
+    weights = tmp_path / "weights.pt"
+    shutil.copyfile(trained_weights, weights)
+    result = train_refiner(weights, [LabeledImage("s0", generate(1000, SYNTH_SIZE).image, generate(1000, SYNTH_SIZE).masks())], 0)
+    assert (result.steps_run, result.stopped_by) == (0, "off") and Detector.load(weights).refiner is None

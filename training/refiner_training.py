@@ -40,7 +40,7 @@ SECONDS_PER_IMAGE_CPU = 1.5
 
 @dataclass(frozen=True)
 class RefinerResult:
-    """pairs: training examples; steps_run; seconds; stopped_by: "steps", "budget" or "no pairs"."""
+    """pairs: training examples; steps_run; seconds; stopped_by: "steps", "budget", "no pairs" or "off"."""
 
     pairs: int
     steps_run: int
@@ -120,12 +120,14 @@ def train_refiner(weights: Path, images: Sequence, steps: int, device: str = "cp
     from backend.detector import Detector
 
     start = time.monotonic()
+    if steps <= 0:  # TRAIN_REFINER_STEPS=0: no refiner, and no detection pass to collect pairs for it
+        return RefinerResult(0, 0, 0.0, "off")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     detector = Detector.load(weights, device=device)
     pairs = training_pairs(detector, images)
-    if not pairs or steps <= 0:
-        return RefinerResult(len(pairs), 0, time.monotonic() - start, "no pairs" if not pairs else "steps")
+    if not pairs:
+        return RefinerResult(0, 0, time.monotonic() - start, "no pairs")
     net = RefinerNet()
     prior_steps = 0
     if warm is not None:
