@@ -59,21 +59,11 @@ def reserve_seconds(steps: int, train_images: int, device: str) -> float:
     return steps * SECONDS_PER_STEP_CPU + train_images * SECONDS_PER_IMAGE_CPU
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU (len(a), len(b)) of x1, y1, x2, y2 boxes."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def training_pairs(detector, images: Sequence) -> list[tuple]:
     """(candidates, candidate index, pixels, annotated mask) for every matched tooth of `images`
     (LabeledImage: pixels and {label: mask})."""
     from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import box_iou
 
     from backend.instance import mask_box
 
@@ -84,7 +74,7 @@ def training_pairs(detector, images: Sequence) -> list[tuple]:
         if not masks or not len(candidates):
             continue
         gt_boxes = np.array([mask_box(m) for m in masks], dtype=np.float64)
-        ious = _box_iou(candidates.boxes, gt_boxes)
+        ious = box_iou(torch.as_tensor(candidates.boxes), torch.as_tensor(gt_boxes)).numpy()
         rows, cols = linear_sum_assignment(ious, maximize=True)
         pairs += [(candidates, int(i), item.pixels, masks[j]) for i, j in zip(rows, cols) if ious[i, j] >= MATCH_IOU]
     return pairs
