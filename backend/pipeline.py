@@ -9,7 +9,7 @@ import numpy as np
 from backend.detector import Detector
 from backend.images import XrayImage
 from backend.instance import Instance, mask_box
-from backend.numbering import argmax_labels, number_teeth
+from backend.numbering import OCCLUSAL_WEIGHT, PRIOR_WEIGHT, argmax_labels, number_teeth
 from backend.sam import SamRefiner
 from backend.settings import Settings
 from backend.timing import StageTimer
@@ -19,14 +19,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PipelineOptions:
-    """min_score: weakest numbering probability kept; prior_weight: weight of the arch-order prior;
-    hungarian: False numbers each candidate by its top class (ablation); use_sam: refine with SAM
+    """min_score: weakest numbering probability kept; prior_weight, occlusal_weight, arch_search:
+    the numbering's anatomical priors (`backend.numbering`); hungarian: False numbers each
+    candidate by its top class (ablation); use_sam: refine with SAM
     when a refiner is loaded; refine_masks: redraw YOLO's masks on the image, with the model's learned
     mask refiner (`backend.mask_refiner`) when it has one and `mask_refiner` is on, else by snapping
     them to the image's edges (`backend.detector.guided_filter`)."""
 
     min_score: float = 0.25
-    prior_weight: float = 3.0
+    prior_weight: float = PRIOR_WEIGHT
+    occlusal_weight: float = OCCLUSAL_WEIGHT
+    arch_search: bool = True
     hungarian: bool = True
     use_sam: bool = True
     refine_masks: bool = True
@@ -58,7 +61,8 @@ class Pipeline:
         with timer.stage("numbering"):
             tooth = candidates.tooth if self.detector.tooth_column is not None else None
             if opts.hungarian:
-                numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, opts.min_score, tooth)
+                numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, opts.min_score, tooth,
+                                        opts.occlusal_weight, opts.arch_search)
             else:
                 numbered = argmax_labels(candidates.probs, opts.min_score, tooth)
         with timer.stage("masks"):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from backend import fdi
-from backend.numbering import argmax_labels, fit_arch, number_teeth, position_cost
+from backend.numbering import argmax_labels, fit_arch, number_teeth, occlusal_cost, position_cost
 
 PX_PER_MM = 10.0
 MIDLINE = 1000.0
@@ -108,3 +108,73 @@ def test_position_cost_values():
 
 def test_empty_input():
     assert number_teeth(np.zeros((0, 4)), np.zeros((0, 52))) == []
+
+
+def test_arch_search_fixes_a_shift_at_a_missing_tooth():
+    # 38 is missing; the detector calls 35 36 37 "36 37 38", confidently enough that lines fitted
+    # to its top labels keep the shift
+    labs = [lab for lab in fdi.ARCHES["upper_permanent"] + fdi.ARCHES["lower_permanent"] if lab[1] != "8"]
+    boxes, probs = candidates(labs)
+    for lab, shifted in (("35", "36"), ("36", "37"), ("37", "38")):
+        i = labs.index(lab)
+        probs[i, fdi.CLASS_INDEX[lab]], probs[i, fdi.CLASS_INDEX[shifted]] = 0.3, 0.7
+    assert labels_of(number_teeth(boxes, probs)) == dict(enumerate(labs))
+    fitted = labels_of(number_teeth(boxes, probs, arch_search=False))
+    assert [fitted[labs.index(lab)] for lab in ("35", "36", "37")] == ["36", "37", "38"]
+
+
+def mixed_dentition():
+    """A child's panoramic: erupted crowns along the occlusal plane (y 300 upper, 500 lower; first
+    molars and deciduous teeth), the upper permanent successors as buds above them (y 100)."""
+    def box(lab, y):
+        cx = MIDLINE + PX_PER_MM * fdi.arch_coordinate(lab)
+        return [cx - 25, y - 80, cx + 25, y + 80]
+
+    erupted_upper = ["16", *fdi.ARCHES["upper_deciduous"], "26"]
+    erupted_lower = ["46", *fdi.ARCHES["lower_deciduous"], "36"]
+    buds = ["15", "14", "13", "12", "11", "21", "22", "23", "24", "25"]
+    labs = erupted_upper + erupted_lower + buds
+    boxes = [box(lab, 300) for lab in erupted_upper] + [box(lab, 500) for lab in erupted_lower]
+    boxes += [box(lab, 100) for lab in buds]
+    probs = np.full((len(labs), 52), 0.01)
+    probs[np.arange(len(labs)), [fdi.CLASS_INDEX[lab] for lab in labs]] = 0.9
+    return labs, np.array(boxes), probs
+
+
+def test_occlusal_prior_tells_a_bud_from_the_deciduous_tooth_over_it():
+    labs, boxes, probs = mixed_dentition()
+    assert labels_of(number_teeth(boxes, probs)) == dict(enumerate(labs))
+    # the detector swaps the bud 12 and the deciduous 52 it lies over, and the bud 22 and 62
+    for bud, milk in (("12", "52"), ("22", "62")):
+        i, j = labs.index(bud), labs.index(milk)
+        probs[i, fdi.CLASS_INDEX[bud]], probs[i, fdi.CLASS_INDEX[milk]] = 0.3, 0.7
+        probs[j, fdi.CLASS_INDEX[milk]], probs[j, fdi.CLASS_INDEX[bud]] = 0.3, 0.7
+    assert labels_of(number_teeth(boxes, probs)) == dict(enumerate(labs))
+    swapped = labels_of(number_teeth(boxes, probs, occlusal_weight=0.0))
+    assert swapped[labs.index("12")] == "52" and swapped[labs.index("52")] == "12"
+
+
+def test_occlusal_prior_keeps_a_tooth_on_its_arch():
+    labs, boxes, probs = mixed_dentition()  # an upper first molar taken for the lower one, 36 being absent
+    keep = [k for k, lab in enumerate(labs) if lab != "36"]
+    labs, boxes, probs = [labs[k] for k in keep], boxes[keep], probs[keep]
+    i = labs.index("26")
+    probs[i, fdi.CLASS_INDEX["26"]], probs[i, fdi.CLASS_INDEX["36"]] = 0.3, 0.7
+    assert labels_of(number_teeth(boxes, probs))[i] == "26"
+    assert labels_of(number_teeth(boxes, probs, occlusal_weight=0.0))[i] == "36"
+
+
+def test_occlusal_cost_values():
+    labs, boxes, probs = mixed_dentition()
+    cost = occlusal_cost(boxes, probs)
+    upper_cols = [fdi.CLASS_INDEX[lab] for lab in fdi.FDI_LABELS if fdi.is_upper(lab)]
+    lower_cols = [fdi.CLASS_INDEX[lab] for lab in fdi.FDI_LABELS if not fdi.is_upper(lab)]
+    upper_milk = [fdi.CLASS_INDEX[lab] for lab in fdi.ARCHES["upper_deciduous"]]
+    i16, i46, i12 = labs.index("16"), labs.index("46"), labs.index("12")
+    assert np.all(cost[i16, upper_cols] == 0) and np.all(cost[i16, lower_cols] == 1)  # centre 0.6 heights above
+    assert np.all(cost[i46, lower_cols] == 0) and np.all(cost[i46, upper_cols] == 1)
+    # the bud: far above the curve (its crown 1.4 box heights from it): wrong arch and deciduous both cost
+    assert cost[i12, fdi.CLASS_INDEX["12"]] == 0 and np.all(cost[i12, upper_milk] == 1)
+    assert np.all(cost[i16, upper_milk] == 0)  # an erupted crown: no bud cost
+    assert cost[i12, fdi.CLASS_INDEX["82"]] == 2
+    assert np.all(occlusal_cost(boxes[:3], probs[:3]) == 0)  # one arch only: no curve

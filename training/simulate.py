@@ -65,7 +65,9 @@ COLD_VARIANTS: dict[str, dict[str, str]] = {
 }
 """Cold-start variants that need their own training: TRAIN_* settings over the product's."""
 PREDICTION_VARIANTS: dict[str, dict] = {
-    "no arch geometry (class probabilities only)": {"prior_weight": 0.0},
+    "no arch geometry (class probabilities only)": {"prior_weight": 0.0, "occlusal_weight": 0.0},
+    "no occlusal-plane prior": {"occlusal_weight": 0.0},
+    "arch lines fitted to the top labels (no search)": {"arch_search": False},
     "arg-max labels (no Hungarian assignment)": {"hungarian": False},
     "guided filter instead of the learned mask refiner": {"mask_refiner": False},
     "no mask refinement": {"refine_masks": False},
