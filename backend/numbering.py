@@ -26,8 +26,8 @@ p[i, j] is the detector's class probability. Two anatomical priors use the panor
 
 `arch_search=False` fits the first lines to each candidate's top label instead of searching
 (ablation). Candidates left unassigned (more than 52) are dropped. The weights and the search grid
-were chosen on the candidates of seven models of `toothseg simulate` (8 to 36 annotated images):
-numbering errors per image 9.8 -> 5.2 summed over six of them, 3.7 -> 0.1 on the 8-image model.
+were chosen on the candidates of trained models: `bench/bench_numbering.py`,
+`bench/results/numbering.md`.
 
 Which candidates are teeth: with tooth scores (a detector with the tooth super-class,
 `backend.detector`), candidates whose tooth score is below `min_score` are dropped before the
