@@ -100,7 +100,8 @@ class Candidates:
             out[k, 1] = self._sample(logits[k:k + 1], xs, ys) * 2 - 1
         return out
 
-    def masks(self, indices: Sequence[int], guide: np.ndarray | None = None, learned: bool = True) -> np.ndarray:
+    def masks(self, indices: Sequence[int], guide: np.ndarray | None = None, learned: bool = True,
+              mirror: bool = True) -> np.ndarray:
         """(k, H, W) bool masks at the original image size for the candidates `indices`.
 
         Without `guide`, each mask's logits are sampled from the prototypes at the original pixels
@@ -109,7 +110,8 @@ class Candidates:
         (`backend.mask_refiner`) redraws each mask from the image and YOLO's probability (where its
         mask agrees with the guided filter's by IoU >= REFINER_MIN_AGREEMENT), or, for a model
         without one or with `learned` False, each tooth's probability is refined by a guided filter
-        on the image (`guided_filter`, radius one prototype cell) before thresholding.
+        on the image (`guided_filter`, radius one prototype cell) before thresholding. `mirror`: the
+        refiner averages each crop with its mirror image (`MaskRefiner.predict`).
         """
         h, w = self.image_hw
         out = np.zeros((len(indices), h, w), dtype=bool)
@@ -118,7 +120,7 @@ class Candidates:
         if guide is not None and learned and self.refiner is not None:
             out = self.masks(indices, guide, learned=False)
             windows = [crop_window(self.boxes[i]) for i in indices]
-            logits = self.refiner.predict(self.refiner_inputs(indices, guide, windows))
+            logits = self.refiner.predict(self.refiner_inputs(indices, guide, windows), mirror=mirror)
             for k, window in enumerate(windows):
                 rows, cols, mask = paste(logits[k], window, self.image_hw)
                 before = out[k, rows, cols]

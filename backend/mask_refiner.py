@@ -122,11 +122,17 @@ class MaskRefiner:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def predict(self, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
-        """(n, 2, CROP_H, CROP_W) inputs -> (n, CROP_H, CROP_W) mask logits."""
+    def predict(self, inputs: np.ndarray, batch: int = 64, mirror: bool = True) -> np.ndarray:
+        """(n, 2, CROP_H, CROP_W) inputs -> (n, CROP_H, CROP_W) mask logits. `mirror`: the mean of the
+        logits of each crop and of its left-right mirror image (mirrored back), a test-time
+        augmentation that makes the outline equivariant to mirroring (twice the refiner's cost; fewer
+        teeth to redraw: `bench/results/cold_start.md`, row "without its mirror pass")."""
         out = []
         with torch.no_grad():
             for i in range(0, len(inputs), batch):
                 x = torch.as_tensor(inputs[i:i + batch], device=self.device)
-                out.append(self.net(x)[:, 0].float().cpu().numpy())
+                logits = self.net(x)[:, 0]
+                if mirror:
+                    logits = (logits + self.net(x.flip(-1))[:, 0].flip(-1)) / 2
+                out.append(logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, CROP_H, CROP_W), np.float32)

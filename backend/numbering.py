@@ -16,9 +16,11 @@ p[i, j] is the detector's class probability. Two anatomical priors use the panor
 - d[i, j], the order along the arch: how many tooth widths candidate i's centre x lies from where
   label j is expected on its arch. Per arch (upper, lower) the expected x of a label is a line
   x = a * arch_coordinate(label) + b, which encodes the left-to-right order 18 ... 11 21 ... 28 (and
-  48 ... 38) and the gaps of missing teeth; d = (x_i - a * coord_j - b) / (a * 7 mm). The line is
-  found by search (`search_arch`): over a grid of scales a (around the median box width / 7.5 mm)
-  and midlines b, the one whose Hungarian assignment of that arch's candidates costs least. A
+  48 ... 38) and the gaps of missing teeth; d = (x_i - a * coord_j - b) / (a * 7 mm). The lines are
+  found by search (`search_arches`): over a grid of scales a (around the median box width / 7.5 mm)
+  and midlines b, the pair whose Hungarian assignments of each arch's candidates cost least, plus a
+  cost for upper and lower midlines apart (`MIDLINE_WEIGHT`: the two dental midlines nearly
+  coincide, so an arch numbered a tooth off across its midline is pulled back by the other). A
   young detector's top labels are often shifted by a tooth where one is missing, so a line fitted
   to them keeps the shift; the search does not depend on them. The lines are then refitted by
   robust weighted least squares (`fit_arch`) to the labels the assignment gave (`REFITS` times, or
@@ -52,13 +54,15 @@ _TOOTH_MM = 7.0  # one typical tooth width: the unit of the positional prior
 _MAX_PRIOR = 9.0  # cap of the squared distance: three tooth widths off costs as much as further
 REFITS = 2
 """Times the arch lines are refitted to the assigned labels and the assignment redone."""
-PRIOR_WEIGHT = 10.0
+PRIOR_WEIGHT = 20.0
 """Weight of the order-along-the-arch prior d."""
 OCCLUSAL_WEIGHT = 10.0
 """Weight of the occlusal-plane prior o."""
+MIDLINE_WEIGHT = 10.0
+"""Weight of the search's cost of upper and lower midlines apart (`search_arches`)."""
 _BOX_MM = 7.5  # a typical tooth's box width, mm: the search's first guess of the scale
 _SCALES = np.geomspace(0.6, 1.6, 25)  # search grid: scale a relative to that guess
-_MIDLINES = 81  # search grid: midline b, evenly from the arch's leftmost to its rightmost candidate
+_MIDLINES = 81  # search grid: midline b, evenly from the leftmost to the rightmost candidate
 _BUD_GAP = (0.3, 0.6)  # crown-to-curve distance, box heights: a bud's cost starts, and is full
 
 
@@ -117,14 +121,12 @@ def position_cost(boxes: np.ndarray, probs: np.ndarray, labels: np.ndarray | Non
     return cost
 
 
-def search_arch(boxes: np.ndarray, cost: np.ndarray, upper: bool, prior_weight: float) -> tuple[float, float] | None:
-    """The line x = a * coord + b of one arch whose prior, added to `cost`, gives that arch's
-    candidates the cheapest Hungarian assignment; None with fewer than two of them.
-
-    boxes: (n, 4) pixels; cost: (n, 52) the assignment's other terms. The arch's candidates are
-    those cheapest on one of its labels. Grid: `_SCALES` times median box width / `_BOX_MM`
-    (pixels per mm), `_MIDLINES` midlines across the candidates' x range.
-    """
+def _arch_grid(boxes: np.ndarray, cost: np.ndarray, upper: bool, prior_weight: float, midlines: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """One arch's search grid: for each midline b of `midlines`, (the least cost of the arch's
+    Hungarian assignment with the prior of line a * coord + b added to `cost`, over the scales a of
+    `_SCALES` times median box width / `_BOX_MM`; that scale). The arch's candidates are those
+    cheapest on one of its labels; None with fewer than two of them."""
     cols = _UPPER == upper
     members = cost[:, cols].min(axis=1) < cost[:, ~cols].min(axis=1)
     if members.sum() < 2:
@@ -132,15 +134,39 @@ def search_arch(boxes: np.ndarray, cost: np.ndarray, upper: bool, prior_weight: 
     cx = (boxes[members, 0] + boxes[members, 2]) / 2.0
     scale = float(np.median(boxes[members, 2] - boxes[members, 0])) / _BOX_MM
     base = cost[members][:, cols]
-    best, fit = np.inf, None
-    for a in scale * _SCALES:
-        for b in np.linspace(cx.min(), cx.max(), _MIDLINES):
+    values = np.full((len(_SCALES), len(midlines)), np.inf)
+    for i, a in enumerate(scale * _SCALES):
+        for k, b in enumerate(midlines):
             total = base + prior_weight * _arch_misfit(cx, upper, a, b)
             rows, cols_ = linear_sum_assignment(total)
-            value = total[rows, cols_].sum()
-            if value < best:
-                best, fit = value, (float(a), float(b))
-    return fit
+            values[i, k] = total[rows, cols_].sum()
+    best = values.argmin(axis=0)
+    return values[best, np.arange(len(midlines))], (scale * _SCALES)[best]
+
+
+def search_arches(boxes: np.ndarray, cost: np.ndarray, prior_weight: float,
+                  midline_weight: float = MIDLINE_WEIGHT) -> dict[bool, tuple[float, float]]:
+    """The arch lines x = a * coord + b (pixels per mm, midline x) found by search: {upper: (a, b)}
+    for the arches with two candidates or more.
+
+    boxes: (n, 4) pixels; cost: (n, 52) the assignment's other terms. Each arch's grid
+    (`_arch_grid`: 25 scales, `_MIDLINES` midlines across all candidates' x range) gives the cost of
+    its assignment per midline; the two midlines are then chosen together, costing
+    `midline_weight` * min((b_upper - b_lower)^2 / w^2, 9) / 2 apart (w: the median box width),
+    since the dental midlines of the two arches nearly coincide (0: each arch on its own).
+    """
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2.0
+    midlines = np.linspace(cx.min(), cx.max(), _MIDLINES)
+    grids = {upper: _arch_grid(boxes, cost, upper, prior_weight, midlines) for upper in (True, False)}
+    found = {upper: g for upper, g in grids.items() if g is not None}
+    if len(found) < 2 or midline_weight <= 0:
+        return {upper: (float(g[1][g[0].argmin()]), float(midlines[g[0].argmin()])) for upper, g in found.items()}
+    width = float(np.median(boxes[:, 2] - boxes[:, 0]))
+    apart = (midlines[:, None] - midlines[None, :]) / width
+    total = found[True][0][:, None] + found[False][0][None, :] + midline_weight * np.minimum(apart**2, _MAX_PRIOR) / 2
+    u, v = np.unravel_index(int(total.argmin()), total.shape)
+    return {True: (float(found[True][1][u]), float(midlines[u])),
+            False: (float(found[False][1][v]), float(midlines[v]))}
 
 
 def occlusal_cost(boxes: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -175,7 +201,8 @@ def occlusal_cost(boxes: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 def number_teeth(boxes: np.ndarray, probs: np.ndarray, prior_weight: float = PRIOR_WEIGHT,
                  min_score: float = 0.25, tooth: np.ndarray | None = None,
-                 occlusal_weight: float = OCCLUSAL_WEIGHT, arch_search: bool = True) -> list[Assignment]:
+                 occlusal_weight: float = OCCLUSAL_WEIGHT, arch_search: bool = True,
+                 midline_weight: float = MIDLINE_WEIGHT) -> list[Assignment]:
     """Give each candidate at most one FDI label and each label at most one candidate.
 
     boxes: (n, 4) x1, y1, x2, y2 pixels; probs: (n, 52) class probabilities (FDI class order);
@@ -197,10 +224,8 @@ def number_teeth(boxes: np.ndarray, probs: np.ndarray, prior_weight: float = PRI
     if prior_weight > 0 and arch_search:
         prior = np.zeros_like(likelihood)
         cx = (boxes[:, 0] + boxes[:, 2]) / 2.0
-        for upper in (True, False):
-            fit = search_arch(boxes, likelihood, upper, prior_weight)
-            if fit is not None:
-                prior[:, _UPPER == upper] = _arch_misfit(cx, upper, *fit)
+        for upper, fit in search_arches(boxes, likelihood, prior_weight, midline_weight).items():
+            prior[:, _UPPER == upper] = _arch_misfit(cx, upper, *fit)
     else:
         prior = position_cost(boxes, probs)
     rows, cols = linear_sum_assignment(likelihood + prior_weight * prior)

@@ -9,7 +9,7 @@ import numpy as np
 from backend.detector import Detector
 from backend.images import XrayImage
 from backend.instance import Instance, mask_box
-from backend.numbering import OCCLUSAL_WEIGHT, PRIOR_WEIGHT, argmax_labels, number_teeth
+from backend.numbering import MIDLINE_WEIGHT, OCCLUSAL_WEIGHT, PRIOR_WEIGHT, argmax_labels, number_teeth
 from backend.sam import SamRefiner
 from backend.settings import Settings
 from backend.timing import StageTimer
@@ -19,21 +19,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PipelineOptions:
-    """min_score: weakest numbering probability kept; prior_weight, occlusal_weight, arch_search:
+    """min_score: weakest tooth score numbered (SCORE_THRESHOLD); prior_weight, occlusal_weight, arch_search:
     the numbering's anatomical priors (`backend.numbering`); hungarian: False numbers each
     candidate by its top class (ablation); use_sam: refine with SAM
     when a refiner is loaded; refine_masks: redraw YOLO's masks on the image, with the model's learned
     mask refiner (`backend.mask_refiner`) when it has one and `mask_refiner` is on, else by snapping
-    them to the image's edges (`backend.detector.guided_filter`)."""
+    them to the image's edges (`backend.detector.guided_filter`); refiner_mirror: the refiner averages
+    each crop with its mirror image."""
 
-    min_score: float = 0.25
+    min_score: float = 0.5
     prior_weight: float = PRIOR_WEIGHT
     occlusal_weight: float = OCCLUSAL_WEIGHT
     arch_search: bool = True
+    midline_weight: float = MIDLINE_WEIGHT
     hungarian: bool = True
     use_sam: bool = True
     refine_masks: bool = True
     mask_refiner: bool = True
+    refiner_mirror: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "PipelineOptions":
@@ -62,12 +65,13 @@ class Pipeline:
             tooth = candidates.tooth if self.detector.tooth_column is not None else None
             if opts.hungarian:
                 numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, opts.min_score, tooth,
-                                        opts.occlusal_weight, opts.arch_search)
+                                        opts.occlusal_weight, opts.arch_search, opts.midline_weight)
             else:
                 numbered = argmax_labels(candidates.probs, opts.min_score, tooth)
         with timer.stage("masks"):
             indices = [a.index for a in numbered]
-            masks = candidates.masks(indices, image.pixels if opts.refine_masks else None, opts.mask_refiner)
+            masks = candidates.masks(indices, image.pixels if opts.refine_masks else None, opts.mask_refiner,
+                                     opts.refiner_mirror)
         boxes = candidates.boxes[indices] if indices else np.zeros((0, 4))
         if self.refiner is not None and opts.use_sam and indices:
             with self.refiner.lock:

@@ -50,9 +50,9 @@ class Settings:
         "SAM image embeddings kept in memory (LRU, about 4 MB each).")
     embedding_cache_dir: Path | None = _setting("EMBEDDING_CACHE_DIR", "", _path,
         "Folder for SAM image embeddings on disk (keyed by image hash and checkpoint). Empty: memory only.")
-    score_threshold: float = _setting("SCORE_THRESHOLD", "0.25", float,
-        "Candidates whose tooth score is below this are not pre-annotated (models with the tooth super-class; "
-        "for other YOLOv8-seg weights: their numbering confidence).")
+    score_threshold: float = _setting("SCORE_THRESHOLD", "0.5", float,
+        "Candidates whose tooth score is below this are neither numbered nor pre-annotated (models with the tooth "
+        "super-class; for other YOLOv8-seg weights: their numbering confidence).")
     detector_conf: float = _setting("DETECTOR_CONF", "0.05", float,
         "YOLO candidate confidence before numbering (low on purpose: numbering decides).")
     mask_refine: bool = _setting("MASK_REFINE", "true", _bool,

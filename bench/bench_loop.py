@@ -2,6 +2,7 @@
 product's training defaults (training/simulate.py describes the experiment).
 
     .venv/bin/python bench/bench_loop.py --work bench/.cache/sim   # 3 seeds, about 100 min each on 2 CPU cores
+    .venv/bin/python bench/bench_loop.py --no-loop --rescore --work bench/.cache/sim-cold-v2  # kept models again
     .venv/bin/python bench/bench_loop.py --smoke                   # mechanics check, about a minute
     .venv/bin/python bench/bench_loop.py --full --device cuda      # the paper's training preset, on a GPU
 
@@ -9,7 +10,9 @@ Writes bench/results/loop.md (loop-smoke.md, loop-full.md): the cold-start table
 annotated images, each small-data change switched off in turn), the loop per round and strategy
 with its control and the fully supervised reference, and the oracle actions each strategy needs
 to reach 0.98x of the reference; the plot of IA and instance Dice against oracle work next to it
-(.png). With --work, each seed's results are kept there and a rerun reuses them.
+(.png). With --work, each seed's results are kept there and a rerun reuses them; with --rescore
+as well, the test figures of the kept cold-start models are measured again by the current
+prediction code (for a change of pre-annotation only: nothing is retrained).
 """
 from __future__ import annotations
 

@@ -34,12 +34,13 @@ VARIANTS: dict[str, dict] = {
     "toothseg defaults": {},
     "no occlusal-plane prior": {"occlusal_weight": 0.0},
     "arch lines fitted to the top labels (no search)": {"arch_search": False},
+    "upper and lower midlines searched apart": {"midline_weight": 0.0},
     "neither (the numbering before, prior weight 3)": {"occlusal_weight": 0.0, "arch_search": False,
                                                        "prior_weight": 3.0},
     "no arch geometry (class probabilities only)": {"occlusal_weight": 0.0, "prior_weight": 0.0},
     "arg-max labels (no Hungarian assignment)": None,
     **{f"prior weight {w:g}, occlusal weight {o:g}": {"prior_weight": w, "occlusal_weight": o}
-       for w in (3.0, 5.0, 20.0) for o in (5.0, 10.0, 20.0)},
+       for w in (5.0, 10.0, 40.0) for o in (5.0, 10.0, 20.0)},
 }
 """Variant name -> number_teeth keyword arguments (None: arg-max labels)."""
 
@@ -90,14 +91,19 @@ def candidate_sets(work: Path):
             yield name, rows
 
 
-def numbering_errors(rows, kwargs: dict | None, min_score: float = 0.25) -> float:
-    """Numbering errors per image of one variant on one model's candidates (module docstring)."""
+def numbering_errors(rows, kwargs: dict | None, min_score: float | None = None) -> float:
+    """Numbering errors per image of one variant on one model's candidates (module docstring), of
+    the candidates with a tooth score >= `min_score` (default: the product's SCORE_THRESHOLD)."""
     import torch
     from scipy.optimize import linear_sum_assignment
     from torchvision.ops import box_iou
 
     from backend.instance import mask_box
 
+    if min_score is None:
+        from backend.settings import Settings
+
+        min_score = Settings.from_env({}).score_threshold
     wrong = 0
     for (boxes, probs, tooth), masks in rows:
         if kwargs is None:
@@ -121,6 +127,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "numbering.md")
     args = parser.parse_args()
     from backend.runtime import set_torch_threads
+    from backend.settings import Settings
 
     set_torch_threads(0)
     start = time.perf_counter()
@@ -132,8 +139,9 @@ def main() -> None:
     lines = ["# FDI numbering variants on trained models (prediction time)", "",
              f"Command: `{command}`", f"Machine: {machine()}",
              f"Run time: {(time.perf_counter() - start) / 60:.1f} min.", "",
-             "Numbering errors per test image (a candidate matched to a ground-truth tooth, box IoU > 0.5, "
-             "with another FDI number); models:", ""]
+             "Numbering errors per test image (a candidate with a tooth score >= "
+             f"{Settings.from_env({}).score_threshold:g}, the default SCORE_THRESHOLD, matched to a ground-truth "
+             "tooth, box IoU > 0.5, with another FDI number); models:", ""]
     lines += [f"- m{k}: {name}, {len(rows)} test images" for k, (name, rows) in enumerate(models)]
     lines += ["", "| variant | " + " | ".join(f"m{k}" for k in range(len(models))) + " | sum |",
               "|---|" + "---|" * (len(models) + 1)]

@@ -53,6 +53,19 @@ def test_a_crop_pasted_back_is_the_mask_it_came_from():
     assert iou >= 0.98, iou  # half a pixel off on either axis gives about 0.96
 
 
+def test_the_mirror_pass_makes_the_outline_mirror_symmetric():
+    """With its mirror pass, the refiner draws the mirror image of a crop as the mirror image of its
+    outline (an untrained net does not: without the pass the two differ)."""
+    torch.manual_seed(0)
+    refiner = MaskRefiner(RefinerNet(8).eval())
+    inputs = np.random.default_rng(0).normal(size=(3, 2, 128, 64)).astype(np.float32)
+    mirrored = np.ascontiguousarray(inputs[..., ::-1])
+    np.testing.assert_allclose(refiner.predict(mirrored), refiner.predict(inputs)[..., ::-1], atol=1e-5)
+    plain, plain_mirrored = refiner.predict(inputs, mirror=False), refiner.predict(mirrored, mirror=False)
+    assert np.abs(plain_mirrored - plain[..., ::-1]).max() > 1e-2
+    np.testing.assert_allclose(refiner.predict(inputs), (plain + plain_mirrored[..., ::-1]) / 2, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_the_refiner_is_stored_in_the_checkpoint_and_redraws_masks_tighter(trained_weights, tmp_path):
     from training.refiner_training import train_refiner

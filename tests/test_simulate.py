@@ -1,5 +1,6 @@
 """The simulation: the oracle's counting, the pick orders, and a tiny cold start and loop end to end."""
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -9,8 +10,9 @@ from backend.instance import Instance
 from backend.registry import Registry
 from training.cli import main
 from training.oracle import OracleCount, oracle_count
-from training.simulate import (CONTROL, COLD_VARIANTS, PREDICTION_VARIANTS, REFERENCE_SHARE, STRATEGIES, SeedResult,
-                               actions_to_reach, format_report, image_score, order_pool, preset, run_seed, spread)
+from training.simulate import (CONTROL, COLD_VARIANTS, PREDICTION_VARIANTS, REFERENCE_SHARE, STRATEGIES, RoundRecord,
+                               SeedResult, TestResult, actions_to_reach, format_report, image_score, order_pool,
+                               preset, rescore_seed, run_seed, spread)
 
 H, W = 20, 100
 
@@ -149,6 +151,31 @@ def test_tiny_cold_start_and_loop_end_to_end(tmp_path):
     cold = report.split("## Cold start")[1].split("## Loop")[0]
     assert sum(line.startswith("| 4 | ") for line in cold.splitlines()) == len(names)  # one row per variant
     assert all(f"| {s} |" in report for s in STRATEGIES)
+
+
+def test_rescoring_measures_the_kept_models_again_and_keeps_the_training_figures(tmp_path):
+    """--rescore: the test figures come from the models in the work folder, not from the saved results."""
+    config = replace(preset("smoke"), loop=False)
+    work = tmp_path / "seed-0"
+    result = run_seed(config, 0, work, log=lambda line: None)
+    wrong = {"ia": -1.0, "instance_dice": -1.0, "instance_nsd": -1.0, "image_dice": -1.0,
+             "oracle": {k: -1.0 for k in ("accepted", "relabeled", "redrawn", "added", "deleted", "actions")}}
+    saved = replace(result, cold=[replace(r, served=TestResult(**wrong), candidate=TestResult(**wrong), seconds=7.0)
+                                  for r in result.cold])
+    rescored = rescore_seed(config, saved, work, log=lambda line: None)
+    assert rescored.rescored and not result.rescored
+    assert [r.name for r in rescored.cold] == [r.name for r in result.cold]
+    for new, old in zip(rescored.cold, result.cold):
+        assert (new.served, new.candidate) == (old.served, old.candidate), new.name  # measured again, the same
+        assert new.seconds == 7.0 and new.steps == old.steps  # the training figures are the saved run's
+    report = format_report(config, [SeedResult.from_json(rescored.to_json())], "toothseg simulate --rescore")
+    assert "Seed(s) 0: test figures measured again (`--rescore`)" in report
+
+    shutil.rmtree(work / "models" / "projects" / "101")
+    with pytest.raises(ValueError, match="no trained model"):
+        rescore_seed(config, saved, work, log=lambda line: None)
+    with pytest.raises(ValueError, match="cold-start table only"):
+        rescore_seed(config, replace(saved, rounds=[RoundRecord(0, "seed", [], {}, 0.0, saved.cold[0])]), work)
 
 
 def test_actions_to_reach_the_reference():

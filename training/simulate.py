@@ -14,9 +14,10 @@ a pool and a held-out test set.
   model of a new project, with the product's defaults, and with each of toothseg's small-data
   changes switched off in turn: the tooth super-class and the position-keeping augmentations
   (ultralytics' mosaic, translation and scale instead) need their own training; the arch
-  geometry in the numbering, the Hungarian assignment, the learned mask refiner (the guided filter
-  instead) and all mask refinement are switched off
-  at prediction time on the default model. Each is scored on the test set: STS metrics and the
+  geometry in the numbering (and each of its parts), the Hungarian assignment, the tooth-score
+  threshold (the former one instead), the refiner's mirror pass, the learned mask refiner (the
+  guided filter instead) and all mask refinement are switched off at prediction time on the
+  default model. Each is scored on the test set: STS metrics and the
   oracle's actions per image, which say where the remaining error comes from (added: missed
   teeth; relabeled: wrong numbers; redrawn: loose masks; deleted: extra regions).
 - Loop, per strategy: round 0 is the cold-start model of the smallest size. Each round the
@@ -33,7 +34,9 @@ a pool and a held-out test set.
   (one per tooth).
 
 Every number is reported over the seeds as min / median / max. A seed's results are kept in
-the work folder (`seed-<n>.json`), so an interrupted run resumes with the seeds it lacks.
+the work folder (`seed-<n>.json`), so an interrupted run resumes with the seeds it lacks; with
+`--rescore` the cold-start figures of the seeds there are measured again on their kept models
+(`rescore_seed`), for a change of pre-annotation without retraining.
 """
 from __future__ import annotations
 
@@ -68,7 +71,10 @@ PREDICTION_VARIANTS: dict[str, dict] = {
     "no arch geometry (class probabilities only)": {"prior_weight": 0.0, "occlusal_weight": 0.0},
     "no occlusal-plane prior": {"occlusal_weight": 0.0},
     "arch lines fitted to the top labels (no search)": {"arch_search": False},
+    "upper and lower midlines searched apart": {"midline_weight": 0.0},
     "arg-max labels (no Hungarian assignment)": {"hungarian": False},
+    "tooth-score threshold 0.25 (SCORE_THRESHOLD before)": {"min_score": 0.25},
+    "learned mask refiner without its mirror pass": {"refiner_mirror": False},
     "guided filter instead of the learned mask refiner": {"mask_refiner": False},
     "no mask refinement": {"refine_masks": False},
 }
@@ -216,6 +222,7 @@ class SeedResult:
     rounds: list[RoundRecord] = field(default_factory=list)
     reference: TrainRecord | None = None
     seconds: float = 0.0
+    rescored: bool = False  # test figures measured again on the kept models (`rescore_seed`)
 
     def curve(self, strategy: str) -> list[RoundRecord]:
         return [r for r in self.rounds if r.strategy == strategy or r.round == 0]
@@ -233,7 +240,8 @@ class SeedResult:
 
         return cls(seed=raw["seed"], pool_teeth=raw["pool_teeth"], cold=[record(d) for d in raw["cold"]],
                    rounds=[RoundRecord(**{**r, "train": record(r["train"])}) for r in raw["rounds"]],
-                   reference=record(raw["reference"]) if raw["reference"] else None, seconds=raw["seconds"])
+                   reference=record(raw["reference"]) if raw["reference"] else None, seconds=raw["seconds"],
+                   rescored=bool(raw.get("rescored", False)))
 
 
 # --- one seed ------------------------------------------------------------------------------
@@ -420,6 +428,27 @@ COLD_PROJECT, LOOP_PROJECT, CONTROL_PROJECT, REFERENCE_PROJECT = 100, 200, 299, 
 ORACLE_COLUMNS = ("actions", "added", "relabeled", "redrawn", "deleted")
 
 
+def cold_projects(config: SimConfig):
+    """(project, annotated images, variant, its TRAIN_* settings) of each cold-start training, in the
+    order `run_seed` runs them (without the cold-start table: only the default from the first size)."""
+    project = COLD_PROJECT
+    for n in config.cold_sizes:
+        for variant, env in COLD_VARIANTS.items():
+            if not config.cold_start and (n != config.cold_sizes[0] or env):
+                continue
+            project += 1
+            yield project, n, variant, env
+
+
+def prediction_variants(sim: SimProject, project: int, record: TrainRecord) -> list[TrainRecord]:
+    """`record` (the default model's training) with the test figures of each PREDICTION_VARIANTS row."""
+    out = []
+    for name, options in PREDICTION_VARIANTS.items():
+        served = sim.score(project, **options)
+        out.append(replace(record, name=f"{record.labeled} images, {name}", served=served, candidate=served))
+    return out
+
+
 def run_seed(config: SimConfig, seed: int, work: Path, log: Callable[[str], None] = print) -> SeedResult:
     """The cold-start table, the loop, its control and the reference for one seed."""
     from backend.runtime import set_torch_threads
@@ -433,22 +462,16 @@ def run_seed(config: SimConfig, seed: int, work: Path, log: Callable[[str], None
     labeled = sim.keys["lab"]
     n0 = config.cold_sizes[0]
     round0: TrainRecord | None = None
-    project = COLD_PROJECT
-    for n in config.cold_sizes:
-        for variant, env in COLD_VARIANTS.items():
-            if not config.cold_start and (n != n0 or env):
-                continue
-            project += 1
-            log(f"seed {seed}: cold start from {n} images, {variant}")
-            record = sim.run(project, f"{n} images, {variant}", labeled[:n], env)
-            result.cold.append(record)
-            if not env:
-                if n == n0:
-                    round0 = record
-                    loop_source = project
-                for name, options in PREDICTION_VARIANTS.items() if config.cold_start else ():
-                    served = sim.score(project, **options)
-                    result.cold.append(replace(record, name=f"{n} images, {name}", served=served, candidate=served))
+    for project, n, variant, env in cold_projects(config):
+        log(f"seed {seed}: cold start from {n} images, {variant}")
+        record = sim.run(project, f"{n} images, {variant}", labeled[:n], env)
+        result.cold.append(record)
+        if not env:
+            if n == n0:
+                round0 = record
+                loop_source = project
+            if config.cold_start:
+                result.cold += prediction_variants(sim, project, record)
     if config.loop:
         result.rounds.append(RoundRecord(0, "seed", [], {}, 0.0, round0))
         names = [*config.strategies, CONTROL]
@@ -480,6 +503,36 @@ def run_seed(config: SimConfig, seed: int, work: Path, log: Callable[[str], None
     return result
 
 
+def rescore_seed(config: SimConfig, saved: SeedResult, work: Path, log: Callable[[str], None] = print) -> SeedResult:
+    """`saved`'s cold-start table with every test figure measured again, by the current prediction
+    code, on the models its run left in `work` (the seed's folder); the training figures (time,
+    steps, promotion) stay those of that run. For a change that acts at prediction time only: the
+    models are not retrained, so a change of training is not measured."""
+    from backend.registry import Registry
+    from backend.runtime import set_torch_threads
+
+    if saved.rounds:
+        raise ValueError(f"seed {saved.seed}: rescoring covers the cold-start table only (a run with --no-loop)")
+    set_torch_threads(0)
+    sim = SimProject(config, saved.seed, Path(work).resolve(), log)
+    registry = Registry(sim.settings.model_dir)
+    trained = {record.name: record for record in saved.cold}
+    cold = []
+    for project, n, variant, env in cold_projects(config):
+        name = f"{n} images, {variant}"
+        versions = registry.versions(project)
+        if name not in trained or not versions:
+            raise ValueError(f"seed {saved.seed}: no trained model for '{name}' (project {project}) in {work}")
+        log(f"seed {saved.seed}: rescoring {name}")
+        record = trained[name]
+        served = sim.score(project)
+        candidate = served if record.promoted else sim.score_weights(versions[-1].weights)
+        cold.append(replace(record, served=served, candidate=candidate))
+        if not env:
+            cold += prediction_variants(sim, project, cold[-1])
+    return replace(saved, cold=cold, rescored=True)
+
+
 # --- summary over seeds ----------------------------------------------------------------------
 
 def spread(values: Sequence[float | None], fmt: str = "{:.3f}") -> str:
@@ -509,16 +562,21 @@ def actions_to_reach(seed: SeedResult, strategy: str) -> float | None:
 def format_report(config: SimConfig, results: Sequence[SeedResult], command: str, machine: str | None = None,
                   plot: str | None = None) -> str:
     """The markdown report (module docstring): setup, cold start, loop, label efficiency."""
+    from backend.settings import Settings
     from training.train import TrainConfig
 
     train = TrainConfig.from_env({**os.environ, **dict(config.train_env)}, device=config.device)
+    settings = Settings.from_env({**os.environ, **dict(config.train_env)})
     seeds = ", ".join(str(r.seed) for r in results)
     lines = ["# Cold start and label efficiency of the annotation loop (simulated oracle)", "",
              f"Command: `{command}`"]
     if machine:
         lines.append(f"Machine: {machine}")
     minutes = [r.seconds / 60 for r in results]
-    lines += [f"Run time: {sum(minutes):.0f} min for {len(results)} seed(s) ({seeds}).", "",
+    rescored = ", ".join(str(r.seed) for r in results if r.rescored)
+    lines += [f"Run time: {sum(minutes):.0f} min for {len(results)} seed(s) ({seeds})."
+              + (f" Seed(s) {rescored}: test figures measured again (`--rescore`) on the models their run trained "
+                 "(training time and steps are that run's)." if rescored else ""), "",
               f"Data: synthetic panoramics {config.size[0]}x{config.size[1]} per seed: {config.labeled} labeled, "
               f"a pool of {config.pool if config.loop else 0}, {config.test} held-out test images. Training: the "
               f"product's retrain job (`training.jobs.run_round`) with "
@@ -528,8 +586,9 @@ def format_report(config: SimConfig, results: Sequence[SeedResult], command: str
               f"{train.proto_stride}, tooth super-class {'on' if train.tooth_class else 'off'}, mosaic "
               f"{train.mosaic:g}, translate {train.translate:g}, scale {train.scale:g}, time budget "
               f"{train.time_budget:g} min per job, mask refiner {train.refiner_steps} steps "
-              f"({train.refiner_warm_steps} warm). Pre-annotation: detector, numbering, YOLO masks redrawn by the "
-              "learned mask refiner, "
+              f"({train.refiner_warm_steps} warm). Pre-annotation: detector, numbering of the candidates with a tooth "
+              f"score >= {settings.score_threshold:g} (SCORE_THRESHOLD), YOLO masks redrawn by the learned mask "
+              "refiner (with its mirror pass), "
               + ("no SAM (no SAM checkpoint given)" if config.sam_checkpoint is None else f"SAM {config.sam}")
               + ". Every number: median (min-max) over the seeds.", "",
               "Oracle (`training.oracle`): regions matched to ground-truth teeth one to one by IoU; accepted at "
@@ -646,6 +705,9 @@ def add_arguments(parser: argparse.ArgumentParser, results_dir: Path = Path(".")
     parser.add_argument("--sam-model-type", default="vit_b", help="SAM builder of --sam-checkpoint (default vit_b)")
     parser.add_argument("--work", type=Path, help="work folder: training runs and each seed's results, which a "
                                                   "rerun reuses (default: a temporary folder, removed)")
+    parser.add_argument("--rescore", action="store_true", help="with --work: measure the test figures of the seeds "
+                                                                  "already there again, on their kept models, with the "
+                                                                  "current prediction code (no retraining)")
     parser.add_argument("--out", type=Path, help="markdown report; the plot goes next to it as .png (default: "
                                                  f"{results_dir}/loop.md, loop-smoke.md or loop-full.md)")
     parser.set_defaults(results_dir=results_dir)
@@ -670,6 +732,8 @@ def run_from_args(args: argparse.Namespace, command: str, machine: str | None = 
 
     os.environ.setdefault("YOLO_VERBOSE", "False")
     config = config_from_args(args)
+    if args.rescore and not args.work:
+        raise ValueError("--rescore needs --work: the folder whose seeds' models are measured again")
     suffix = "-smoke" if args.smoke else "-full" if args.full else ""
     out = Path(args.out) if args.out else Path(args.results_dir) / f"loop{suffix}.md"
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="toothseg-sim-"))
@@ -684,7 +748,11 @@ def run_from_args(args: argparse.Namespace, command: str, machine: str | None = 
             saved = work / f"seed-{seed}.json"
             if saved.exists():
                 log(f"seed {seed}: results from {saved}")
-                results.append(SeedResult.from_json(saved.read_text()))
+                result = SeedResult.from_json(saved.read_text())
+                if args.rescore:
+                    result = rescore_seed(config, result, work / f"seed-{seed}", log)
+                    saved.write_text(result.to_json())
+                results.append(result)
                 continue
             result = run_seed(config, seed, work / f"seed-{seed}", log)
             saved.write_text(result.to_json())
