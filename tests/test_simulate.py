@@ -11,8 +11,8 @@ from backend.registry import Registry
 from training.cli import main
 from training.oracle import OracleCount, oracle_count
 from training.simulate import (CONTROL, COLD_VARIANTS, PREDICTION_VARIANTS, REFERENCE_SHARE, STRATEGIES, RoundRecord,
-                               SeedResult, TestResult, actions_to_reach, format_report, image_score, order_pool,
-                               preset, rescore_seed, run_seed, spread)
+                               SeedResult, TestResult, actions_to_reach, cold_projects, config_from_args, format_report,
+                               image_score, order_pool, preset, rescore_seed, run_seed, spread)
 
 H, W = 20, 100
 
@@ -101,6 +101,23 @@ def test_config_refuses_a_pool_too_small():
     with pytest.raises(ValueError, match="pool of at least 6"):
         replace(preset("smoke"), rounds=3)
     assert main(["simulate", "--smoke", "--rounds", "3"]) == 2
+
+
+def test_defaults_only_trains_the_defaults_under_their_usual_project_numbers():
+    """--defaults-only: the cold-start table trains only the product's defaults, each size under the
+    project number the full table gives it (so one work folder is read the same way by both)."""
+    import argparse
+
+    from training.simulate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    full = list(cold_projects(config_from_args(parser.parse_args(["--no-loop"]))))
+    only = list(cold_projects(config_from_args(parser.parse_args(["--no-loop", "--defaults-only"]))))
+    assert len(full) == 2 * len(COLD_VARIANTS) and len(only) == 2
+    assert only == [p for p in full if not p[3]]
+    assert [(n, variant) for _, n, variant, _ in only] == [(8, "toothseg defaults"), (20, "toothseg defaults")]
+    assert config_from_args(parser.parse_args([])).trained_variants
 
 
 def test_spread():

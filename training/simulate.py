@@ -109,9 +109,11 @@ class SimConfig:
     """One simulation. size: image (width, height) px; cold_sizes: annotated images of the
     cold-start table (the loop starts from the first); pool, test: image counts; per_round: images
     labeled per round and strategy; rounds; strategies: some of STRATEGIES; seeds; cold_start,
-    loop: which parts run; sam / sam_checkpoint: SAM builder and weights for pre-annotations (none:
-    YOLO masks); train_env: TRAIN_* settings over the environment's (empty: the product's
-    defaults; only the smoke preset sets some, to run in seconds)."""
+    loop: which parts run; trained_variants: the cold-start table also trains the COLD_VARIANTS
+    other than the defaults (False: only the defaults, whose prediction-time variants are still
+    scored); sam / sam_checkpoint: SAM builder and weights for pre-annotations (none: YOLO masks);
+    train_env: TRAIN_* settings over the environment's (empty: the product's defaults; only the
+    smoke preset sets some, to run in seconds)."""
 
     size: tuple[int, int] = (2000, 1000)
     cold_sizes: tuple[int, ...] = (8, 20)
@@ -122,6 +124,7 @@ class SimConfig:
     strategies: tuple[str, ...] = STRATEGIES
     seeds: tuple[int, ...] = (0, 1, 2)
     cold_start: bool = True
+    trained_variants: bool = True
     loop: bool = True
     device: str = "cpu"
     sam: str = "vit_b"
@@ -430,13 +433,15 @@ ORACLE_COLUMNS = ("actions", "added", "relabeled", "redrawn", "deleted")
 
 def cold_projects(config: SimConfig):
     """(project, annotated images, variant, its TRAIN_* settings) of each cold-start training, in the
-    order `run_seed` runs them (without the cold-start table: only the default from the first size)."""
+    order `run_seed` runs them (without the cold-start table: only the default from the first size;
+    without `trained_variants`: only the defaults). A variant keeps its project number whether or
+    not it runs, so a work folder is read the same way by either."""
     project = COLD_PROJECT
     for n in config.cold_sizes:
         for variant, env in COLD_VARIANTS.items():
-            if not config.cold_start and (n != config.cold_sizes[0] or env):
-                continue
             project += 1
+            if (not config.cold_start and (n != config.cold_sizes[0] or env)) or (env and not config.trained_variants):
+                continue
             yield project, n, variant, env
 
 
@@ -701,6 +706,9 @@ def add_arguments(parser: argparse.ArgumentParser, results_dir: Path = Path(".")
     parser.add_argument("--test", type=int, help="override the test set size")
     parser.add_argument("--no-loop", action="store_true", help="only the cold-start table")
     parser.add_argument("--no-cold-start", action="store_true", help="only the loop (round 0: the default model)")
+    parser.add_argument("--defaults-only", action="store_true", help="the cold-start table trains only the product's "
+                                                                     "defaults (its prediction-time variants are still "
+                                                                     "scored): about 12 min per size and seed")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM weights for pre-annotation (default: YOLO masks)")
     parser.add_argument("--sam-model-type", default="vit_b", help="SAM builder of --sam-checkpoint (default vit_b)")
     parser.add_argument("--work", type=Path, help="work folder: training runs and each seed's results, which a "
@@ -723,7 +731,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.cold_sizes:
         overrides["cold_sizes"] = tuple(args.cold_sizes)
     return replace(config, cold_start=not args.no_cold_start, loop=not args.no_loop, sam=args.sam_model_type,
-                   **overrides)
+                   trained_variants=not args.defaults_only, **overrides)
 
 
 def run_from_args(args: argparse.Namespace, command: str, machine: str | None = None) -> list[SeedResult]:
