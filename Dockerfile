@@ -16,7 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     YOLO_CONFIG_DIR=/tmp/toothseg-yolo \
     YOLO_OFFLINE=1 \
-    YOLO_VERBOSE=False
+    YOLO_VERBOSE=False \
+    MALLOC_ARENA_MAX=2
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends curl libglib2.0-0 \

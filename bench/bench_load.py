@@ -1,11 +1,14 @@
 """Concurrent /predict load: latency percentiles and peak memory of the backend process.
 
     .venv/bin/python bench/bench_load.py [--requests 20] [--concurrency 20] [--size 2000x1000]
-                                         [--sam vit_b] [--weights best.pt] [--out bench/results/load.md]
+                                         [--sam vit_b] [--weights best.pt] [--arenas 2 glibc]
+                                         [--out bench/results/load.md]
 
 Starts the backend under gunicorn (1 worker, 4 threads, as in docker-compose.yml) with a registered
 detector and SAM (real architecture, random weights), then sends `--requests` one-task /predict
-requests for different synthetic panoramics, `--concurrency` at a time.
+requests for different synthetic panoramics, `--concurrency` at a time. Once per `--arenas` value
+(MALLOC_ARENA_MAX; "glibc": unset, glibc's default), each with a fresh server, in the same run:
+the first is the product's setting (`training.stack.PROCESS_ENV`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from backend.sam import SAM_BUILDERS  # noqa: E402
 from bench.bench_predict import detector_weights, machine, write_report  # noqa: E402
 from bench.bench_preannotate import free_port  # noqa: E402
 from training.promotion import promote, store_version  # noqa: E402
-from training.stack import _descendants, backend_command  # noqa: E402
+from training.stack import PROCESS_ENV, _descendants, backend_command  # noqa: E402
 from training.synth import generate  # noqa: E402
 
 
@@ -47,7 +50,8 @@ class BenchBackend:
     """The backend under gunicorn (as in docker-compose.yml) with a registered detector and SAM (real
     architecture, random weights), serving `images` synthetic panoramics p0.png ... from a temp dir."""
 
-    def __init__(self, images: int, size: tuple[int, int], sam: str, weights: Path):
+    def __init__(self, images: int, size: tuple[int, int], sam: str, weights: Path,
+                 arenas: str = PROCESS_ENV["MALLOC_ARENA_MAX"]):
         self.root = Path(tempfile.mkdtemp(prefix="toothseg-bench-"))
         (self.root / "files" / "images").mkdir(parents=True)
         for i in range(images):
@@ -60,7 +64,10 @@ class BenchBackend:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(Path(sys.executable).parent / "gunicorn"), *backend_command(f"127.0.0.1:{self.port}")[1:]]
-        env = {**os.environ, "MODEL_DIR": str(self.root / "models"), "SAM_CHECKPOINT": str(self.root / "sam.pth"),
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+        if arenas != "glibc":
+            env["MALLOC_ARENA_MAX"] = arenas
+        env = {**env, "MODEL_DIR": str(self.root / "models"), "SAM_CHECKPOINT": str(self.root / "sam.pth"),
                "SAM_MODEL_TYPE": sam, "LOCAL_FILES_DOCUMENT_ROOT": str(self.root / "files"), "YOLO_VERBOSE": "False"}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(self.root / "backend.log", "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -91,17 +98,10 @@ class BenchBackend:
         self.proc.wait(30)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--size", default="2000x1000")
-    parser.add_argument("--sam", default="vit_b", choices=sorted(SAM_BUILDERS))
-    parser.add_argument("--weights")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "load.md"))
-    args = parser.parse_args()
+def run(args: argparse.Namespace, arenas: str) -> tuple[list[tuple[int, float]], float, float]:
+    """([(status, latency s)] per request, wall s, peak RSS MB) with a fresh server."""
     width, height = (int(v) for v in args.size.split("x"))
-    server = BenchBackend(args.requests, (width, height), args.sam, detector_weights(args))
+    server = BenchBackend(args.requests, (width, height), args.sam, detector_weights(args), arenas)
     try:
         def one(i: int) -> tuple[int, float]:
             r, seconds = server.predict([i])
@@ -110,29 +110,54 @@ def main() -> None:
         start = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
             answers = list(pool.map(one, range(args.requests)))
-        wall = time.perf_counter() - start
-        peak = server.peak_rss_mb()
+        return answers, time.perf_counter() - start, server.peak_rss_mb()
     finally:
         server.stop()
-    latencies = [t for _, t in answers]
-    ok = sum(code == 200 for code, _ in answers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--size", default="2000x1000")
+    parser.add_argument("--sam", default="vit_b", choices=sorted(SAM_BUILDERS))
+    parser.add_argument("--weights")
+    product = PROCESS_ENV["MALLOC_ARENA_MAX"]
+    parser.add_argument("--arenas", nargs="+", default=[product, "glibc"],
+                        help=f"MALLOC_ARENA_MAX values, one run each (glibc: unset; default: {product} glibc)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "load.md"))
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    rows = []
+    for arenas in args.arenas:
+        answers, wall, peak = run(args, arenas)
+        latencies = [t for _, t in answers]
+        ok = sum(code == 200 for code, _ in answers)
+        name = ("unset (glibc's default: 8 per core)" if arenas == "glibc"
+                else arenas + (" (toothseg's setting)" if arenas == product else ""))
+        rows.append(f"| {name} | {ok}/{args.requests} | {statistics.median(latencies):.1f} | "
+                    f"{percentile(latencies, 0.95):.1f} | {max(latencies):.1f} | {wall:.0f} | "
+                    f"{args.requests / wall * 60:.1f} | {peak:.0f} |")
+        print(rows[-1], flush=True)
     lines = [
         "# Concurrent /predict load",
         "",
         f"Command: `.venv/bin/python bench/bench_load.py --requests {args.requests} --concurrency "
-        f"{args.concurrency} --size {args.size} --sam {args.sam}`",
+        f"{args.concurrency} --size {args.size} --sam {args.sam} --arenas {' '.join(args.arenas)}`",
         f"Machine: {machine()}",
         f"Backend: gunicorn, 1 worker, 4 threads; SAM {args.sam} (random weights); one-task requests for "
-        f"{args.requests} different {width}x{height} synthetic panoramics, {args.concurrency} at a time.",
+        f"{args.requests} different {width}x{height} synthetic panoramics, {args.concurrency} at a time; "
+        "one fresh server per row, rows in order, same run.",
         "",
-        "| answered 200 | p50 latency (s) | p95 latency (s) | max (s) | wall (s) | throughput (img/min) "
-        "| peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|",
-        f"| {ok}/{args.requests} | {statistics.median(latencies):.1f} | {percentile(latencies, 0.95):.1f} | "
-        f"{max(latencies):.1f} | {wall:.0f} | {args.requests / wall * 60:.1f} | {peak:.0f} |",
+        "| MALLOC_ARENA_MAX | answered 200 | p50 latency (s) | p95 latency (s) | max (s) | wall (s) "
+        "| throughput (img/min) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
         "",
         "Requests queue on the one SAM predictor (one image at a time per process): latency grows with the "
-        "queue, memory does not.",
+        "queue, memory does not. glibc gives each thread its own malloc arena by default, and memory one "
+        "thread frees the others do not reuse; the Dockerfile and the native stack set MALLOC_ARENA_MAX "
+        f"to {product} (`training.stack.PROCESS_ENV`).",
     ]
     write_report(lines, args.out)
 

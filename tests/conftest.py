@@ -23,6 +23,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 import backend  # noqa: E402,F401  (prepares ultralytics for offline use)
+from training.stack import PROCESS_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -296,8 +297,8 @@ class BackendServer:
         self.log = log
         cmd = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{self.port}", "--workers", "1",
                "--threads", str(threads), "--timeout", "600", "backend.app:create_app()"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=open(log, "wb"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**PROCESS_ENV, **os.environ, **env},
+                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         wait_http(f"{self.url}/health", 60, self.proc, log)
 
     def log_text(self) -> str:

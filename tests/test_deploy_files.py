@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 import yaml
 
-from training.stack import APP_ENV, BOOTSTRAP_COMMAND, LABEL_STUDIO_ENV, Stack, backend_command, worker_command
+from training.stack import (APP_ENV, BOOTSTRAP_COMMAND, LABEL_STUDIO_ENV, PROCESS_ENV, Stack, backend_command,
+                            worker_command)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def test_services_and_start_order(compose):
         assert ls_env[key].startswith(f"${{{key}"), "user, password and token come from .env"
 
 
-def test_compose_and_native_stack_run_the_same_commands_and_variables(compose, tmp_path):
+def test_compose_and_native_stack_run_the_same_commands_and_variables(compose, tmp_path, monkeypatch):
     services = compose["services"]
     assert services["backend"]["command"] == backend_command("0.0.0.0:9090")
     assert services["worker"]["command"] == worker_command("redis://redis:6379/0", "toothseg-train",
@@ -76,8 +77,11 @@ def test_compose_and_native_stack_run_the_same_commands_and_variables(compose, t
     assert set(APP_ENV) <= set(services["bootstrap"]["environment"])
     assert set(LABEL_STUDIO_ENV) <= set(services["label-studio"]["environment"])
 
+    for key in PROCESS_ENV:
+        monkeypatch.delenv(key, raising=False)
     stack = Stack(data=tmp_path / "data", images=tmp_path / "files" / "images")
     native = stack.services()
+    assert PROCESS_ENV.items() <= native["backend"][1].items() and PROCESS_ENV.items() <= native["worker"][1].items()
     assert [Path(native["backend"][0][0]).name, *native["backend"][0][1:]] == backend_command(stack.backend_url[7:])
     assert [Path(native["worker"][0][0]).name, *native["worker"][0][1:]] == worker_command(
         stack.redis_url, "toothseg-train", "toothseg-preannotate")
@@ -116,6 +120,7 @@ def test_dockerfile(compose):
             env.update(dict(zip(c.value[::2], c.value[1::2])))
     assert env["SAM_CHECKPOINT"] == compose["x-app-env"]["SAM_CHECKPOINT"]
     assert env["MODEL_DIR"] == compose["x-app-env"]["MODEL_DIR"]
+    assert PROCESS_ENV.items() <= env.items()  # the backend and worker containers get the native stack's
 
 
 def test_label_studio_version_is_the_same_everywhere(compose):

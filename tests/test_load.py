@@ -19,7 +19,8 @@ def peak_rss_mb(pid: int) -> float:
 
 @pytest.mark.scenario("20 concurrent one-task /predict requests for 20 different images (gunicorn, 1 worker, "
                       "4 threads, the test SAM vit_tiny)", "all answered 200 with teeth; one copy of each model in "
-                      "the process (loaded once); peak memory below 2.5 GB (2.1 GB measured; with SAM ViT-B 4.8 GB: bench/results/load.md)")
+                      "the process (loaded once); peak memory below 2.5 GB (1.7-1.8 GB measured with MALLOC_ARENA_MAX=2 "
+                      "as shipped, 2.1-2.2 GB without; with SAM ViT-B: bench/results/load.md)")
 def test_twenty_concurrent_predicts(start_backend, synth_dir, trained_weights, sam_checkpoint, tmp_path):
     models = tmp_path / "models"
     version = register_model(models, "1", trained_weights)

@@ -49,6 +49,14 @@ LABEL_STUDIO_ENV = ("LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN", "ML_BLOCK_LOCAL_IP",
                     "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN", "LATEST_VERSION_CHECK")
 
 
+PROCESS_ENV = {"MALLOC_ARENA_MAX": "2"}
+"""Set for the backend and the worker (the Dockerfile's ENV, the native stack, the tests' servers)
+unless the environment sets them. glibc otherwise gives each of gunicorn's threads its own malloc
+arena (up to 8 per core), and memory one thread frees the others do not reuse: 20 concurrent
+/predicts (tests/test_load.py, SAM vit_tiny) peaked at 2147-2196 MB RSS with glibc's default and
+1728-1825 MB with 2 arenas (3 runs each; SAM ViT-B: bench/results/load.md)."""
+
+
 def backend_command(bind: str) -> list[str]:
     return ["gunicorn", "--bind", bind, "--workers", "1", "--threads", "4", "--timeout", "600",
             "backend.app:create_app()"]
@@ -129,7 +137,7 @@ class Stack:
         known = {name for name, _, _ in settings_table()}
         prefixes = ("TRAIN_", "YOLO_", "BASIC_AUTH_", "TOOTHSEG_")
         extra = {k: v for k, v in self.env.items() if k in known or k.startswith(prefixes)}
-        return {**os.environ, **extra, **env}
+        return {**PROCESS_ENV, **os.environ, **extra, **env}
 
     def label_studio_env(self) -> dict[str, str]:
         return {
