@@ -706,9 +706,9 @@ def add_arguments(parser: argparse.ArgumentParser, results_dir: Path = Path(".")
     parser.add_argument("--test", type=int, help="override the test set size")
     parser.add_argument("--no-loop", action="store_true", help="only the cold-start table")
     parser.add_argument("--no-cold-start", action="store_true", help="only the loop (round 0: the default model)")
-    parser.add_argument("--defaults-only", action="store_true", help="the cold-start table trains only the product's "
-                                                                     "defaults (its prediction-time variants are still "
-                                                                     "scored): about 12 min per size and seed")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="the cold-start table trains only the product's defaults (its prediction-time variants "
+                             "are still scored): about 9 min per size and seed on 2 cores")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM weights for pre-annotation (default: YOLO masks)")
     parser.add_argument("--sam-model-type", default="vit_b", help="SAM builder of --sam-checkpoint (default vit_b)")
     parser.add_argument("--work", type=Path, help="work folder: training runs and each seed's results, which a "

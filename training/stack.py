@@ -54,7 +54,7 @@ PROCESS_ENV = {"MALLOC_ARENA_MAX": "2"}
 unless the environment sets them. glibc otherwise gives each of gunicorn's threads its own malloc
 arena (up to 8 per core), and memory one thread frees the others do not reuse: 20 concurrent
 /predicts (tests/test_load.py, SAM vit_tiny) peaked at 2147-2196 MB RSS with glibc's default and
-1728-1825 MB with 2 arenas (3 runs each; SAM ViT-B: bench/results/load.md)."""
+1728-1825 MB with 2 arenas (3 and 2 runs; SAM ViT-B: bench/results/load.md)."""
 
 
 def backend_command(bind: str) -> list[str]:
