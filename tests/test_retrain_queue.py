@@ -117,7 +117,7 @@ def test_failed_job_is_retried_then_releases_the_project(redis_url, start_worker
 @pytest.mark.scenario("An rq worker SIGKILLed in the middle of a retrain job",
                       "rq finds the job abandoned once its heartbeat lapses, retries it on the next worker, and the project is free again")
 @pytest.mark.slow
-def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_worker):
+def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_worker, tmp_path):
     r = redis.Redis.from_url(redis_url)
     worker = start_worker(redis_url, SLOW_JOB_SECONDS=300)
     q = queue_for(redis_url)
@@ -138,8 +138,13 @@ def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_wor
     # rq finds the job abandoned once its heartbeat lapses (job monitoring interval + 60 s) and
     # retries it; the retry's fresh export covers the START_TRAINING recorded meanwhile
     wait_idle(q, "4", timeout=120)
-    assert runs(redis_url) == [f"{first.job_id}|START_TRAINING"] * 2
-    assert Job.fetch(first.job_id, connection=r).get_status() == "finished"  # its retry finished
+    job = Job.fetch(first.job_id, connection=r)
+    latest = job.latest_result()
+    seen = (f"job {job.get_status()}, {job.retries_left} retries left, latest result "
+            f"{latest and (latest.type, latest.exc_string)}\n"
+            + "\n".join(f"--- {log.name}\n{log.read_text()}" for log in sorted(tmp_path.glob("worker-*.log"))))
+    assert runs(redis_url) == [f"{first.job_id}|START_TRAINING"] * 2, seen
+    assert job.get_status() == "finished", seen  # its retry finished
     assert event(q, "4", start_training=True).status == "enqueued"
 
 
