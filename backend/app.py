@@ -128,7 +128,7 @@ def predict_view():
 def webhook_view():
     from backend.webhooks import handle_webhook
 
-    body, status = handle_webhook(_json_body())
+    body, status = handle_webhook(_json_body(), get_runtime().settings)
     return jsonify(body), status
 
 
@@ -152,9 +152,8 @@ def health_view():
 def create_app() -> Flask:
     """Build the app (the gunicorn entry point). Models are not loaded here."""
     os.environ.setdefault("LABEL_STUDIO_ML_BACKEND_V2", "1")
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runtime = get_runtime()
+    logging.basicConfig(level=runtime.settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api._manager = ToothSegManager()
     app = init_app(ToothSegBackend, model_dir=str(runtime.settings.model_dir))
     app.view_functions["_setup"] = setup_view

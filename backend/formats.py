@@ -13,10 +13,12 @@ exactly one ("Tooth 11", "11 - upper right central incisor").
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import cv2
@@ -68,11 +70,13 @@ class Target:
         return self.fdi_to_value.get(label)
 
 
+@functools.lru_cache(maxsize=64)
 def find_target(label_config: str, prefer: str = BRUSH) -> Target:
     """Find the tooth control tag of a labeling config (BrushLabels preferred, else PolygonLabels).
 
     Raises LabelConfigError with a readable reason when the config has neither, or when the
-    control's labels contain no FDI numbers.
+    control's labels contain no FDI numbers. Cached per config text (a Target is immutable; errors
+    are not cached): every `/setup` and `/predict` of a project sends the same config.
     """
     try:
         interface = LabelInterface(label_config)
@@ -95,7 +99,7 @@ def find_target(label_config: str, prefer: str = BRUSH) -> Target:
         to_name = control.to_name[0]
         image = interface.get_object(to_name)
         value_key = str(image.value).lstrip("$") if getattr(image, "value", None) else to_name
-        return Target(control.name, to_name, control.tag.lower(), value_key, mapping)
+        return Target(control.name, to_name, control.tag.lower(), value_key, MappingProxyType(mapping))
     raise LabelConfigError("; ".join(reasons))
 
 
@@ -206,6 +210,12 @@ def mask_to_regions(mask: np.ndarray, value: str, target: Target, score: float |
 
 
 _warned_missing: set[tuple[str, str]] = set()
+
+
+def task_score(regions: list[dict]) -> float:
+    """A prediction's score for Label Studio: the mean of its regions' scores (0.0 without regions)."""
+    scores = [r["score"] for r in regions if "score" in r]
+    return round(float(np.mean(scores)), 4) if scores else 0.0
 
 
 def instances_to_results(instances: Iterable[Instance], target: Target) -> list[dict]:

@@ -16,29 +16,17 @@ one resulting mask is returned with the annotator's label.
 from __future__ import annotations
 
 import logging
-import os
-import time
 from typing import Any, Mapping
 
 import numpy as np
 from label_studio_ml.model import LabelStudioMLBase
 
-from backend.formats import Target, find_target, fdi_of_value, instances_to_results, mask_to_regions
+from backend.formats import Target, find_target, fdi_of_value, instances_to_results, mask_to_regions, task_score
 from backend.images import ImageError, ImageLoader, task_image_url
 from backend.runtime import get_runtime
 from backend.timing import StageTimer
 
-# Test hook, not a setting: seconds added to each task's prediction, so an end-to-end test with the
-# tiny SAM costs per image what a slower model would (tests/test_e2e_stack.py).
-TEST_PREDICT_DELAY = float(os.environ.get("TOOTHSEG_TEST_PREDICT_DELAY", "0") or 0)
-
 logger = logging.getLogger(__name__)
-
-
-def task_score(regions: list[dict]) -> float:
-    """Mean region score of a prediction (0.0 without regions)."""
-    scores = [r["score"] for r in regions if "score" in r]
-    return round(float(np.mean(scores)), 4) if scores else 0.0
 
 
 class ToothSegBackend(LabelStudioMLBase):
@@ -79,9 +67,6 @@ class ToothSegBackend(LabelStudioMLBase):
                 instances = served.pipeline.run(image, timer)
                 with timer.stage("encoding"):
                     result = instances_to_results(instances, target)
-                if TEST_PREDICT_DELAY:
-                    with timer.stage("test_delay"):
-                        time.sleep(TEST_PREDICT_DELAY)
                 logger.info("task %s: %d teeth (%s)", task.get("id"), len(instances), timer.summary())
             except ImageError as exc:
                 logger.warning("task %s: no prediction: %s", task.get("id"), exc.reason)

@@ -1,6 +1,6 @@
 """Coalesced retraining jobs on Redis with rq: at most one job queued or running per project.
 
-Redis keys per project (prefix `toothseg:project:<id>:`):
+Redis keys per project (`backend.queues.project_redis_key`):
 - `active`    the id of the project's queued or running retrain job (set NX: the coalescing lock)
 - `changed`   the annotations created, updated or deleted since the last export ("<id>@<updated_at>")
 - `requested` set when START_TRAINING arrived and no run has started on it yet
@@ -26,10 +26,12 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TypeVar
 
 from redis import Redis
-from rq import Callback, Queue, Retry
+from rq import Callback, Queue
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.registry import StartedJobRegistry
+
+from backend.queues import FAILURE_TTL_S, LIVE_STATUSES, RESULT_TTL_S, RETRY, project_redis_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +45,7 @@ ENQUEUE_GRACE_S = 60.0
 # released only if it is still the one read, so an event that enqueued a new job in between keeps it.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _HAND_OVER = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2]) return 1 end return 0"
-RETRY = Retry(max=3, interval=[10, 30, 90])  # export failures (Label Studio down) back off, then fail
 T = TypeVar("T")
-_LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
 
 def new_job_id(project: str) -> str:
@@ -60,10 +60,6 @@ def _age_s(job_id: str) -> float:
         return time.time() - int(job_id.rsplit("-", 2)[1], 16) / 1000
     except (IndexError, ValueError):
         return float("inf")
-
-
-def _key(project: str, what: str) -> str:
-    return f"toothseg:project:{project}:{what}"
 
 
 def annotation_key(annotation_id: Any, updated_at: Any = None) -> str:
@@ -111,14 +107,15 @@ class RetrainQueue:
     # --- events --------------------------------------------------------------------------
     def record_annotation(self, project: str, annotation_id: Any, updated_at: Any = None) -> None:
         """Record a created/updated (`updated_at` given) or deleted (None) annotation."""
-        self.redis.sadd(_key(project, "changed"), annotation_key(annotation_id, updated_at))
+        self.redis.sadd(project_redis_key(project, "changed"), annotation_key(annotation_id, updated_at))
 
     def record_training_request(self, project: str) -> None:
-        self.redis.set(_key(project, "requested"), "1")
+        self.redis.set(project_redis_key(project, "requested"), "1")
 
     def pending(self, project: str) -> tuple[bool, int]:
         """(START_TRAINING pending, number of changed annotations) since the last snapshot."""
-        return bool(self.redis.exists(_key(project, "requested"))), int(self.redis.scard(_key(project, "changed")))
+        requested = self.redis.exists(project_redis_key(project, "requested"))
+        return bool(requested), int(self.redis.scard(project_redis_key(project, "changed")))
 
     def maybe_enqueue(self, project: str) -> Decision:
         """Enqueue a retrain job for `project` if one is warranted and none is queued or running."""
@@ -131,12 +128,12 @@ class RetrainQueue:
             return Decision("waiting", None, f"{changed} of {self.min_new} changed annotations needed to retrain "
                                              f"(RETRAIN_MIN_NEW_ANNOTATIONS)")
         job_id = new_job_id(project)
-        if not self.redis.set(_key(project, "active"), job_id, nx=True):
+        if not self.redis.set(project_redis_key(project, "active"), job_id, nx=True):
             return Decision("coalesced", None, "a simultaneous event enqueued the job")
         try:
             self._enqueue(project, job_id, "START_TRAINING" if requested else f"{changed} changed annotations")
         except Exception:
-            self.redis.delete(_key(project, "active"))
+            self.redis.delete(project_redis_key(project, "active"))
             raise
         return Decision("enqueued", job_id, "retrain job queued")
 
@@ -144,7 +141,7 @@ class RetrainQueue:
         logger.info("project %s: enqueue retrain job %s (%s)", project, job_id, reason)
         return self.queue.enqueue(
             function or self.job_function, project, reason, job_id=job_id, job_timeout=self.job_timeout,
-            result_ttl=7 * 86400, failure_ttl=7 * 86400, retry=RETRY, on_failure=Callback(on_job_failure),
+            result_ttl=RESULT_TTL_S, failure_ttl=FAILURE_TTL_S, retry=RETRY, on_failure=Callback(on_job_failure),
             description=f"retrain project {project} ({reason})", meta={"project": project, "stage": "queued"},
         )
 
@@ -152,13 +149,13 @@ class RetrainQueue:
     def snapshot(self, project: str) -> set[str]:
         """Called when a job starts, right before its export: clears START_TRAINING and returns the
         changed annotation ids recorded so far (all of them are in the export that follows)."""
-        self.redis.delete(_key(project, "requested"))
-        return {m.decode() for m in self.redis.smembers(_key(project, "changed"))}
+        self.redis.delete(project_redis_key(project, "requested"))
+        return {m.decode() for m in self.redis.smembers(project_redis_key(project, "changed"))}
 
     def consume(self, project: str, snapshot: set[str]) -> None:
         """Called after a successful run: the snapshot's changes are now trained on."""
         if snapshot:
-            self.redis.srem(_key(project, "changed"), *snapshot)
+            self.redis.srem(project_redis_key(project, "changed"), *snapshot)
 
     def finish(self, project: str, job: Job, failed: bool = False) -> Decision | None:
         """Called when a job ends. After a success, enqueue the one follow-up if events since its
@@ -167,7 +164,7 @@ class RetrainQueue:
         requested, changed = self.pending(project)
         if not failed and (requested or changed >= self.min_new):
             follow = new_job_id(project)
-            if not self._hand_over_script(keys=[_key(project, "active")], args=[job.id, follow]):
+            if not self._hand_over_script(keys=[project_redis_key(project, "active")], args=[job.id, follow]):
                 return None  # the project is no longer this job's
             self._enqueue(project, follow, "follow-up: events during the previous run", job.func_name)
             return Decision("enqueued", follow, "follow-up")
@@ -176,7 +173,7 @@ class RetrainQueue:
 
     def release(self, project: str, job_id: str) -> bool:
         """Release the project if `job_id` is still its active job (atomically); True if it was."""
-        return bool(self._release_script(keys=[_key(project, "active")], args=[job_id]))
+        return bool(self._release_script(keys=[project_redis_key(project, "active")], args=[job_id]))
 
     def claim(self, project: str, job_id: str) -> str | None:
         """Make `job_id` the project's active job unless one is live: None on success, else the
@@ -184,8 +181,8 @@ class RetrainQueue:
         active = self.active_job(project)
         if active is not None:
             return active
-        if not self.redis.set(_key(project, "active"), job_id, nx=True, ex=self.job_timeout):
-            return (self.redis.get(_key(project, "active")) or b"?").decode()
+        if not self.redis.set(project_redis_key(project, "active"), job_id, nx=True, ex=self.job_timeout):
+            return (self.redis.get(project_redis_key(project, "active")) or b"?").decode()
         return None
 
     def run(self, project: str, job: Job, work: Callable[[Callable[[Iterable[str]], None]], T]) -> T:
@@ -206,7 +203,7 @@ class RetrainQueue:
     def active_job(self, project: str) -> str | None:
         """The project's live queued/running job id; a stale entry (job gone, ended, or abandoned by a
         dead worker) is released."""
-        raw = self.redis.get(_key(project, "active"))
+        raw = self.redis.get(project_redis_key(project, "active"))
         if raw is None:
             return None
         job_id = raw.decode()
@@ -217,7 +214,7 @@ class RetrainQueue:
             status = Job.fetch(job_id, connection=self.redis).get_status()
         except NoSuchJobError:
             status = None
-        if status in _LIVE or (status is None and _age_s(job_id) < ENQUEUE_GRACE_S):
+        if status in LIVE_STATUSES or (status is None and _age_s(job_id) < ENQUEUE_GRACE_S):
             return job_id  # live, or set by an event that is enqueueing it right now
         if self.release(project, job_id):
             logger.warning("project %s: released stale retrain job %s (status %s)", project, job_id, status)

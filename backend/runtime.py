@@ -4,22 +4,22 @@ project at its current version.
 Models load lazily on the first `/predict` that needs them, never in `/setup` (which must answer
 within Label Studio's 3 s). The current version is read from the registry on every call (one
 small file read), so a promotion by the worker is picked up without a restart; the replaced
-version's detector is dropped, keeping one model copy per project. A version whose weights fail
-to load is logged, remembered, and the registry's previous current version is served instead.
+version's detector is dropped, keeping one model copy per project. A version whose weights cannot
+be loaded is logged and the registry's previous current version is served instead: for the
+process's life when the file is missing or corrupt, for that request only when the machine was
+short of memory or the file system failed (MemoryError, OSError).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from backend.detector import Detector
 from backend.pipeline import Pipeline, PipelineOptions
+from backend.process import set_torch_threads
 from backend.registry import Registry, project_key
 from backend.sam import EmbeddingCache, SamRefiner, build_sam, file_identity
 from backend.settings import Settings
@@ -27,17 +27,6 @@ from backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 NO_MODEL_VERSION = "toothseg-untrained"
-
-
-def set_torch_threads(threads: int = 0) -> int:
-    """Use `threads` (0: all cores) torch CPU threads, also for ultralytics, which otherwise resets
-    torch to cores - 1 whenever it selects a device."""
-    import ultralytics.utils.torch_utils as torch_utils
-
-    n = threads if threads > 0 else (os.cpu_count() or 1)
-    torch_utils.NUM_THREADS = n
-    torch.set_num_threads(n)
-    return n
 
 
 @dataclass
@@ -114,10 +103,13 @@ class Runtime:
                 try:
                     model = self.registry.get(key, version)
                     detector = self._load_detector(model.weights)
-                except Exception as exc:  # corrupt or missing weights: serve the previous version
+                except Exception as exc:  # serve the previous version
+                    transient = isinstance(exc, (MemoryError, OSError)) and not isinstance(exc, FileNotFoundError)
                     logger.error("project %s: model version %s cannot be loaded (%s: %s); falling back to the "
-                                 "previous version", key, version, exc.__class__.__name__, exc)
-                    self._broken.add((key, version))
+                                 "previous version%s", key, version, exc.__class__.__name__, exc,
+                                 ", retried on the next request" if transient else "")
+                    if not transient:  # corrupt or missing weights: broken for the process's life
+                        self._broken.add((key, version))
                     continue
                 logger.info("project %s: loaded model version %s", key, version)
                 self._detectors[key] = (version, detector)
@@ -155,31 +147,3 @@ def get_runtime() -> Runtime:
         if _runtime is None:
             _runtime = Runtime(Settings.from_env())
         return _runtime
-
-
-def reset_runtime(runtime: Runtime | None = None) -> None:
-    """Replace the process's Runtime (tests, or after changing settings)."""
-    global _runtime
-    with _runtime_lock:
-        _runtime = runtime
-
-
-def lower_priority(nice: int) -> None:
-    """Nice this process and its session's autogroup. With Linux autogroup scheduling (enabled by
-    many distributions' kernels: /proc/sys/kernel/sched_autogroup_enabled), niceness only ranks
-    processes within one session, and the worker and the backend run in different sessions: the
-    autogroup's own niceness is what makes the backend win the CPU. It stays on the worker's
-    session (training jobs included) until the worker restarts: background work yields to
-    interactive requests, and runs at full speed when nothing else wants the CPU. In Docker each
-    container is its own cgroup: compose gives the worker a lower cpu_shares for the same effect."""
-    if nice <= 0:
-        return
-    os.nice(nice)
-    try:
-        path = Path("/proc/self/autogroup")
-        current = int(path.read_text().split("nice")[-1])  # "/autogroup-47 nice 0"
-        if current < nice:
-            with open(path, "w") as f:
-                f.write(str(nice))
-    except (OSError, ValueError) as exc:  # no autogroup support, or not permitted
-        logger.debug("autogroup niceness not set: %s", exc)

@@ -1,8 +1,9 @@
 """SAM box refinement (paper, section 2.2) with cached image embeddings.
 
 One image embedding per image (`SamPredictor.set_image`, the expensive encoder), then every
-tooth box is a prompt to the cheap mask decoder, `batch_size` boxes per call (on a CPU one box
-per call measured fastest; see bench/). For each box SAM's single best mask is kept unless its
+tooth box is a prompt to the cheap mask decoder, `batch_size` boxes per call (SAM_BATCH_SIZE;
+`bench/results/predict_latency.md`: on a 2-core CPU 1 to 4 boxes per call are within 6% of each
+other, 8 and more are slower). For each box SAM's single best mask is kept unless its
 predicted IoU is below `min_iou` or it overlaps YOLO's own mask by less than `min_agreement`
 (IoU); then YOLO's mask stays.
 
@@ -77,7 +78,6 @@ class EmbeddingCache:
         self.directory = Path(directory) if directory else None
         self._items: OrderedDict[str, Embedding] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     def _file(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.pt"
@@ -86,7 +86,6 @@ class EmbeddingCache:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                self.hits += 1
                 return self._items[key]
         if self.directory is not None and self._file(key).exists():
             try:
@@ -96,9 +95,7 @@ class EmbeddingCache:
                 logger.warning("ignoring unreadable cached embedding %s: %s", self._file(key).name, exc)
             else:
                 self._remember(key, emb)
-                self.hits += 1
                 return emb
-        self.misses += 1
         return None
 
     def put(self, key: str, emb: Embedding) -> None:
@@ -124,9 +121,6 @@ class EmbeddingCache:
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._items or (self.directory is not None and self._file(key).exists())
 
 
 @dataclass
@@ -175,11 +169,6 @@ class SamRefiner:
         p.set_image(np.repeat(pixels[:, :, None], 3, axis=2), image_format="RGB")
         self.cache.put(key, Embedding(p.features.detach().cpu(), tuple(p.original_size), tuple(p.input_size)))
         return False
-
-    def embed(self, pixels: np.ndarray, image_sha1: str) -> bool:
-        """Compute (or find) the embedding of an image without prompting; True if it was cached."""
-        with self.lock:
-            return self.set_image(pixels, image_sha1)
 
     def decode_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (k, 4) original pixels -> best masks (k, H, W) bool and predicted IoUs (k,) on the

@@ -64,7 +64,8 @@ class Settings:
     sam_min_agreement: float = _setting("SAM_MIN_AGREEMENT", "0.5", float,
         "Keep YOLO's own mask where SAM's and YOLO's masks overlap (IoU) less than this.")
     sam_batch_size: int = _setting("SAM_BATCH_SIZE", "4", int,
-        "Box prompts decoded per SAM call (chosen by bench/bench_predict.py on this CPU).")
+        "Box prompts decoded per SAM call (bench/bench_predict.py measures 1 to 28; on 2 CPU cores 1-4 are "
+        "within 6% of each other).")
     local_files_document_root: Path | None = _setting("LOCAL_FILES_DOCUMENT_ROOT", "", _path,
         "Label Studio's local-files root, if this process can read it: /data/local-files/?d=... is read "
         "from disk (only below this root) instead of over HTTP.")
@@ -108,6 +109,9 @@ class Settings:
     preannotate_threads: int = _setting("PREANNOTATE_THREADS", "0", int,
         "torch threads of pre-annotation jobs; 0 = as TORCH_THREADS.")
     train_job_timeout: int = _setting("TRAIN_JOB_TIMEOUT", "86400", int, "Seconds a retraining job may run.")
+    log_level: str = _setting("LOG_LEVEL", "INFO", str,
+        "Python logging level of the backend and of toothseg's jobs in the worker (DEBUG: label-studio-ml also "
+        "logs each request).")
     work_dir: Path | None = _setting("WORK_DIR", "", _path,
         "Scratch space of retraining jobs (exported datasets, training runs). Empty: MODEL_DIR/.work.")
     val_fraction: float = _setting("VAL_FRACTION", "0.2", float,

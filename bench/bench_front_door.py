@@ -109,7 +109,7 @@ def send_body(port: int, head: bytes, chunks, total: int) -> tuple[str, float, i
 def tiny_model(work: Path) -> Path:
     """A detector to register (the drip scenario needs a model, else /predict downloads nothing)."""
     from training.dataset import LabeledImage, write_yolo_dataset
-    from training.synth import generate
+    from training.data.synth import generate
     from training.train import TrainConfig, train_model
 
     items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in enumerate(generate(i, (320, 160)) for i in range(3))]
@@ -125,7 +125,7 @@ def main() -> None:
     from conftest import BackendServer, register_model
 
     from backend.label_config import render_label_config
-    from training.stack import _descendants
+    from training.ops.stack import _descendants
 
     work = Path(tempfile.mkdtemp(prefix="toothseg-door-"))
     drip = ThreadingHTTPServer(("127.0.0.1", 0), Drip)

@@ -8,7 +8,7 @@ Starts the backend under gunicorn (1 worker, 4 threads, as in docker-compose.yml
 detector and SAM (real architecture, random weights), then sends `--requests` one-task /predict
 requests for different synthetic panoramics, `--concurrency` at a time. Once per `--arenas` value
 (MALLOC_ARENA_MAX; "glibc": unset, glibc's default), each with a fresh server, in the same run:
-the first is the product's setting (`training.stack.PROCESS_ENV`).
+the first is the product's setting (`training.ops.stack.PROCESS_ENV`).
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from backend.registry import Registry  # noqa: E402
 from backend.sam import SAM_BUILDERS  # noqa: E402
 from bench.bench_predict import detector_weights, machine, write_report  # noqa: E402
 from bench.bench_preannotate import free_port  # noqa: E402
-from training.promotion import promote, store_version  # noqa: E402
-from training.stack import PROCESS_ENV, _descendants, backend_command  # noqa: E402
-from training.synth import generate  # noqa: E402
+from backend.registry import promote, store_version  # noqa: E402
+from training.ops.stack import PROCESS_ENV, _descendants, backend_command  # noqa: E402
+from training.data.synth import generate  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -157,7 +157,7 @@ def main() -> None:
         "Requests queue on the one SAM predictor (one image at a time per process): latency grows with the "
         "queue, memory does not. glibc gives each thread its own malloc arena by default, and memory one "
         "thread frees the others do not reuse; the Dockerfile and the native stack set MALLOC_ARENA_MAX "
-        f"to {product} (`training.stack.PROCESS_ENV`).",
+        f"to {product} (`training.ops.stack.PROCESS_ENV`).",
     ]
     write_report(lines, args.out)
 

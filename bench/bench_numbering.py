@@ -49,7 +49,7 @@ def test_images(seed_dir: Path, seed: int):
     """The seed's test images as (key, pixels, {label: mask}), regenerated from the seed."""
     import cv2
 
-    from training.synth import generate, sample_seed
+    from training.data.synth import generate, sample_seed
 
     files = seed_dir / "files"
     offset = len(list(files.glob("lab*.png"))) + len(list(files.glob("pool*.png")))
@@ -126,7 +126,7 @@ def main() -> None:
                         help="a bench_loop.py --work folder (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "numbering.md")
     args = parser.parse_args()
-    from backend.runtime import set_torch_threads
+    from backend.process import set_torch_threads
     from backend.settings import Settings
 
     set_torch_threads(0)

@@ -36,9 +36,9 @@ from backend.label_config import render_label_config  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.sam import SAM_BUILDERS  # noqa: E402
 from bench.bench_predict import detector_weights, machine, write_report  # noqa: E402
-from training.promotion import promote, store_version  # noqa: E402
-from training.stack import Stack  # noqa: E402
-from training.synth import generate  # noqa: E402
+from backend.registry import promote, store_version  # noqa: E402
+from training.ops.stack import Stack  # noqa: E402
+from training.data.synth import generate  # noqa: E402
 
 TOKEN = "bench-token-0123456789"
 

@@ -34,10 +34,10 @@ from backend.formats import find_target, instances_to_results  # noqa: E402
 from backend.images import XrayImage, decode_image, pixel_hash  # noqa: E402
 from backend.label_config import render_label_config  # noqa: E402
 from backend.pipeline import Pipeline, PipelineOptions  # noqa: E402
-from backend.runtime import set_torch_threads  # noqa: E402
+from backend.process import set_torch_threads  # noqa: E402
 from backend.sam import SAM_BUILDERS, EmbeddingCache, SamRefiner, build_sam  # noqa: E402
 from backend.timing import StageTimer  # noqa: E402
-from training.synth import generate, train_synthetic_detector  # noqa: E402
+from training.data.synth import generate, train_synthetic_detector  # noqa: E402
 
 STAGES = ["load", "preprocess", "detector", "numbering", "masks", "sam_encoder", "sam_decoder", "encoding"]
 FORWARD = {"detector", "sam_encoder", "sam_decoder"}

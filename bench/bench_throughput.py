@@ -10,7 +10,7 @@ Label Studio resends the tasks one at a time. This bench does the same: the batc
 one request per task, for `--images` different synthetic panoramics (cold: no SAM embedding
 cached). It runs twice on different images: with nothing else running, and while a YOLOv8-seg
 training runs in its own session as the rq worker runs it (niced with WORKER_NICE through
-backend.runtime.lower_priority). The backend is gunicorn as in docker-compose.yml, SAM the real
+backend.process.lower_priority). The backend is gunicorn as in docker-compose.yml, SAM the real
 architecture with random weights.
 """
 from __future__ import annotations
@@ -30,13 +30,13 @@ from backend.sam import SAM_BUILDERS  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from bench.bench_load import BenchBackend  # noqa: E402
 from bench.bench_predict import detector_weights, machine, write_report  # noqa: E402
-from training.stack import _descendants  # noqa: E402
+from training.ops.stack import _descendants  # noqa: E402
 
 TRAINER = """
 import sys
 from pathlib import Path
-from backend.runtime import lower_priority
-from training.synth import train_synthetic_detector
+from backend.process import lower_priority
+from training.data.synth import train_synthetic_detector
 lower_priority(int(sys.argv[2]))
 train_synthetic_detector(Path(sys.argv[1]), n=24, epochs=10000, imgsz=640, batch=8)
 """

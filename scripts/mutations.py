@@ -34,7 +34,7 @@ class Mutation:
 
 
 FD, IMG, SEC, RQ, PROMO = "backend/front_door.py", "backend/images.py", "backend/security.py", \
-    "backend/retrain_queue.py", "training/promotion.py"
+    "backend/retrain_queue.py", "backend/registry.py"
 T_FD, T_HARD, T_RQ, T_TRAIN = "tests/test_front_door.py", "tests/test_hardening.py", "tests/test_retrain_queue.py", \
     "tests/test_training.py"
 
@@ -118,13 +118,14 @@ MUTATIONS = [
              '    (re.compile(r"(?im)^([\\w-]*(?:secret|token|api-key|password)[\\w-]*:[ \\t]*)\\S.*$"), r"\\1***"),\n',
              "", (f"{T_HARD}::test_secret_headers_logged_by_label_studio_ml_are_redacted",)),
     Mutation("enqueue-grace", "an entry whose job is being enqueued is not taken for stale (no second job)", RQ,
-             "if status in _LIVE or (status is None and _age_s(job_id) < ENQUEUE_GRACE_S):", "if status in _LIVE:",
+             "if status in LIVE_STATUSES or (status is None and _age_s(job_id) < ENQUEUE_GRACE_S):",
+             "if status in LIVE_STATUSES:",
              (f"{T_RQ}::test_an_entry_being_enqueued_is_not_taken_for_stale",)),
     Mutation("atomic-release", "a stale retrain-queue entry is released with compare-and-delete", RQ,
-             "        return bool(self._release_script(keys=[_key(project, \"active\")], args=[job_id]))",
-             "        return bool(self.redis.delete(_key(project, \"active\")))",
+             "        return bool(self._release_script(keys=[project_redis_key(project, \"active\")], args=[job_id]))",
+             "        return bool(self.redis.delete(project_redis_key(project, \"active\")))",
              (f"{T_RQ}::test_a_stale_entry_is_released_atomically",)),
-    Mutation("now-lock", "`toothseg train --now` takes the project's retrain lock", "training/cli.py",
+    Mutation("now-lock", "`toothseg train --now` takes the project's retrain lock", "training/ops/cli.py",
              "            busy = queue.claim(project, job_id)", "            busy = None",
              (f"{T_RQ}::test_train_now_takes_the_project_lock",)),
     Mutation("current-cas", "promotion compares and swaps CURRENT (a rollback during training wins)", PROMO,
@@ -140,6 +141,12 @@ MUTATIONS = [
     Mutation("preannotate-leftovers", "the background pass finishes a task a killed pass left half replaced",
              "training/preannotate.py", "    for task_id, olds in leftovers.items():",
              "    for task_id, olds in {}.items():", ("tests/test_e2e_preannotate.py::test_background_preannotation",)),
+    Mutation("batch-fallback", "a /predict of more tasks than PREDICT_BATCH_LIMIT gets Label Studio's one-at-a-time "
+             "fallback", "backend/app.py", "    if not context and 0 < limit < len(tasks):", "    if False:",
+             ("tests/test_e2e_stack.py::test_the_loop_end_to_end",)),
+    Mutation("load-retry", "a version that failed to load for want of memory is tried again", "backend/runtime.py",
+             "                    if not transient:", "                    if True:",
+             (f"{T_TRAIN}::test_a_version_that_failed_to_load_for_want_of_memory_is_retried",)),
 ]
 
 

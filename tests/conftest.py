@@ -23,7 +23,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 import backend  # noqa: E402,F401  (prepares ultralytics for offline use)
-from training.stack import PROCESS_ENV  # noqa: E402
+from training.ops.stack import PROCESS_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -235,7 +235,7 @@ def start_worker(tmp_path):
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
-    from training.synth import write_dataset
+    from training.data.synth import write_dataset
 
     out = tmp_path_factory.mktemp("synth")
     write_dataset(out, n=24, seed=7, size=SYNTH_SIZE, progress=False)
@@ -244,7 +244,7 @@ def synth_dir(tmp_path_factory) -> Path:
 
 def _code_hash(*extra: object) -> str:
     h = hashlib.sha1(repr(extra).encode())
-    for rel in ("training/synth.py", "training/train.py", "training/model_changes.py", "training/dataset.py",
+    for rel in ("training/data/synth.py", "training/train.py", "training/model_changes.py", "training/dataset.py",
                 "backend/yolo_model.py", "backend/preprocess.py", "backend/formats.py"):
         h.update((REPO / rel).read_bytes())
     return h.hexdigest()[:16]
@@ -254,7 +254,7 @@ def _code_hash(*extra: object) -> str:
 def trained_weights(request, tmp_path_factory) -> Path:
     """A YOLOv8n-seg trained here on 24 synthetic X-rays (the small preset at imgsz 320, 1000 steps: about
     3 min on 2 cores), cached across sessions by the hash of the code that makes it."""
-    from training.synth import train_synthetic_detector
+    from training.data.synth import train_synthetic_detector
 
     cache = Path(request.config.cache.mkdir("toothseg")) / f"base-{_code_hash(SYNTH_SIZE)}.pt"
     if not cache.exists():
@@ -279,7 +279,7 @@ def sam_checkpoint(tmp_path_factory) -> Path:
 def register_model(model_dir: Path, project: str, weights: Path, **meta) -> str:
     """Store `weights` as a promoted version of `project` in the registry at `model_dir`."""
     from backend.registry import Registry
-    from training.promotion import promote, store_version
+    from backend.registry import promote, store_version
 
     registry = Registry(model_dir)
     version = store_version(registry, project, weights, {"normalisation": {"mean": 0.4, "std": 0.2}, **meta},
@@ -373,8 +373,8 @@ def make_stack(tmp_path, trained_weights, sam_checkpoint):
     instead of the product's training defaults."""
     import cv2
 
-    from training.stack import Stack
-    from training.synth import generate
+    from training.ops.stack import Stack
+    from training.data.synth import generate
 
     if not (LS_VENV / "bin" / "label-studio").exists():
         pytest.skip(f"no Label Studio venv at {LS_VENV} (scripts/setup creates it)")

@@ -189,7 +189,7 @@ def test_malformed_predict_requests_are_400_with_a_message(start_backend, body, 
 
 def test_interactive_rectangle_prompts_sam(served, synth_dir):
     server, version, names = served
-    from training.labelme import read_labelme
+    from training.data.labelme import read_labelme
 
     masks, (h, w) = read_labelme(synth_dir / "labelme" / names[1].replace(".png", ".json"))
     ys, xs = np.nonzero(masks["21"])
@@ -211,7 +211,7 @@ def test_interactive_rectangle_prompts_sam(served, synth_dir):
 
 def test_interactive_keypoint_prompts_sam(served, synth_dir):
     server, version, names = served
-    from training.labelme import read_labelme
+    from training.data.labelme import read_labelme
 
     masks, (h, w) = read_labelme(synth_dir / "labelme" / names[0].replace(".png", ".json"))
     ys, xs = np.nonzero(masks["11"])

@@ -15,8 +15,8 @@ import pytest
 from scipy import ndimage
 
 from backend.formats import result_to_masks
-from training.dataset_io import ItemError, read_dataset
-from training.synth import write_dataset
+from training.data.dataset_io import ItemError, read_dataset
+from training.data.synth import write_dataset
 
 from conftest import LS_VENV, REPO, SYNTH_SIZE, free_port
 
@@ -28,8 +28,8 @@ TOKEN = "dataset-cli-token-1234"
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
     """Base URL of a Label Studio server (its own data dir, legacy token TOKEN)."""
-    from training.bootstrap import wait_for_label_studio
-    from training.stack import Stack
+    from training.ops.bootstrap import wait_for_label_studio
+    from training.ops.stack import Stack
 
     if not (LS_VENV / "bin" / "label-studio").exists():
         pytest.skip(f"no Label Studio venv at {LS_VENV} (scripts/setup creates it)")
@@ -69,7 +69,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def toothseg(url: str, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "LABEL_STUDIO_URL": url, "LABEL_STUDIO_API_KEY": TOKEN}
-    return subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "training.ops.cli", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""Dataset formats (training.dataset_io) and the `toothseg predict` / `evaluate` commands.
+"""Dataset formats (training.data.dataset_io) and the `toothseg predict` / `evaluate` commands.
 
 No Label Studio here: round trips per format, label maps, malformed files (one error per bad
 file, the good ones still read), and predict + evaluate as subprocesses with the tiny detector
@@ -20,12 +20,12 @@ import yaml
 from scipy import ndimage
 
 from backend import fdi
-from training import dataset_cli
-from training.dataset_io import (READERS, WRITERS, DatasetError, DatasetItem, ItemError, open_writer,
+from training.data import dataset_cli
+from training.data.dataset_io import (READERS, WRITERS, DatasetError, DatasetItem, ItemError, open_writer,
                                  read_dataset)
-from training.labelme import polygons_to_labelme, write_labelme
+from training.data.labelme import polygons_to_labelme, write_labelme
 from training.metrics import iou
-from training.synth import generate, write_dataset
+from training.data.synth import generate, write_dataset
 
 from conftest import REPO, SYNTH_SIZE
 
@@ -376,7 +376,7 @@ def test_an_empty_folder_is_a_dataset_error(fmt, tmp_path):
 def toothseg(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items()
              if k not in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SAM_CHECKPOINT", "YOLO_WEIGHTS")}
-    return subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "training.ops.cli", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, env={**clean, **(env or {})}, timeout=300)
 
 

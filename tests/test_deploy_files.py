@@ -11,8 +11,11 @@ import jsonschema
 import pytest
 import yaml
 
-from training.stack import (APP_ENV, BOOTSTRAP_COMMAND, LABEL_STUDIO_ENV, PROCESS_ENV, Stack, backend_command,
-                            worker_command)
+from backend.settings import Settings
+from training.ops.bootstrap import TRAIN_AFTER_DEFAULT, BootstrapConfig
+from training.ops.cli import main
+from training.ops.stack import (APP_ENV, BOOTSTRAP_COMMAND, LABEL_STUDIO_ENV, PROCESS_ENV, Stack, backend_command,
+                                worker_command)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,3 +130,25 @@ def test_label_studio_version_is_the_same_everywhere(compose):
     setup = (REPO / "scripts" / "setup").read_text()
     assert "LABEL_STUDIO_VERSION:-1.23.2" in setup
     assert compose["services"]["label-studio"]["image"].endswith(":1.23.2")
+
+
+def test_bootstrap_takes_the_backends_settings_and_the_compose_defaults(compose, monkeypatch, capsys):
+    """`toothseg bootstrap` reads Label Studio's address, token, basic auth and webhook secret from
+    the backend's Settings, and its own variables with the defaults compose gives."""
+    settings = Settings.from_env({"LABEL_STUDIO_URL": "http://ls:8080", "LABEL_STUDIO_API_KEY": "token",
+                                  "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p", "WEBHOOK_SECRET": "s"})
+    config = BootstrapConfig.from_env({"BACKEND_URL": "http://backend:9090"}, settings, "<View/>")
+    assert (config.label_studio_url, config.api_key, config.backend_url) == ("http://ls:8080", "token",
+                                                                             "http://backend:9090")
+    assert (config.basic_auth_user, config.basic_auth_pass, config.webhook_secret) == ("u", "p", "s")
+    assert config.webhook_secret_header == settings.webhook_secret_header and config.project_title == "toothseg"
+    compose_default = compose["services"]["bootstrap"]["environment"]["TRAIN_AFTER_ANNOTATIONS"]
+    assert compose_default == f"${{TRAIN_AFTER_ANNOTATIONS:-{TRAIN_AFTER_DEFAULT}}}" and config.train_after == 10
+    with pytest.raises(ValueError, match="TRAIN_AFTER_ANNOTATIONS='ten'"):
+        BootstrapConfig.from_env({"BACKEND_URL": "x", "TRAIN_AFTER_ANNOTATIONS": "ten"}, settings, "<View/>")
+
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BACKEND_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["bootstrap", "--wait", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "set LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BACKEND_URL" in err

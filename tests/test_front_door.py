@@ -319,15 +319,14 @@ def test_pillow_keeps_its_own_guard():
 def in_process_app(tmp_path_factory):
     """toothseg's Flask app (create_app) in this process, with an empty MODEL_DIR."""
     from backend import app as app_module
-    from backend.runtime import reset_runtime
+    from backend import runtime
 
     mp = pytest.MonkeyPatch()
     mp.setenv("MODEL_DIR", str(tmp_path_factory.mktemp("in-process-models")))
-    reset_runtime()
+    mp.setattr(runtime, "_runtime", None)  # this process's Runtime, built from the environment above
     try:
         yield app_module.create_app()
     finally:
-        reset_runtime()
         mp.undo()
 
 

@@ -17,7 +17,7 @@ from backend.label_config import render_label_config
 from backend.retrain_queue import RetrainQueue
 from backend.security import redact
 from conftest import QUEUE, RedisServer, register_model
-from training.stack import Stack
+from training.ops.stack import Stack
 
 CONFIG = render_label_config()
 

@@ -7,7 +7,7 @@ import pytest
 
 from backend.label_config import render_label_config
 from conftest import register_model
-from training.stack import _descendants
+from training.ops.stack import _descendants
 
 
 def peak_rss_mb(pid: int) -> float:

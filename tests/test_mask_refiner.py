@@ -12,7 +12,7 @@ from backend.detector import Detector
 from backend.mask_refiner import CHECKPOINT_KEY, MaskRefiner, RefinerNet, crop_mask, crop_window, paste
 from conftest import SYNTH_SIZE
 from training.dataset import LabeledImage
-from training.synth import generate
+from training.data.synth import generate
 
 REFINER_TEST_STEPS = 150  # about 40 s on 2 cores; the product trains TRAIN_REFINER_STEPS (200)
 

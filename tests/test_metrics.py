@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from training.labelme import masks_to_labelme, write_labelme
+from training.data.labelme import masks_to_labelme, write_labelme
 from training.metrics import Scores, dice, evaluate_folder, iou, mean_scores, nsd, score_image
 
 T = math.sqrt(3) / 8  # one foreground pixel at a corner

@@ -15,7 +15,7 @@ from backend.retrain_queue import RetrainQueue, annotation_key
 from backend.settings import Settings
 from backend.webhooks import handle_webhook
 from conftest import QUEUE, REPO, VENV_BIN, stop, wait_for  # noqa: F401  (start_worker is a conftest fixture)
-from training.stack import _descendants
+from training.ops.stack import _descendants
 
 JOB = "jobs_for_tests.slow_job"
 
@@ -196,13 +196,13 @@ def test_status_command_shows_queues_jobs_and_projects(redis_url, tmp_path):
     job.meta.update(stage="train", progress=0.25, detail="epoch 25/100")
     job.save_meta()
     env = {**__import__("os").environ, "REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "MODEL_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "training.cli", "status"], cwd=REPO, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "training.ops.cli", "status"], cwd=REPO, env=env, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
     assert f"queue {QUEUE}: 1 queued" in out.stdout
     assert f"{decision.job_id} queued [train 25%] epoch 25/100" in out.stdout, out.stdout
     assert "project 12: current model - (0 stored)" in out.stdout and f"active job {decision.job_id}" in out.stdout
-    down = subprocess.run([sys.executable, "-m", "training.cli", "status"], cwd=REPO, capture_output=True, text=True,
+    down = subprocess.run([sys.executable, "-m", "training.ops.cli", "status"], cwd=REPO, capture_output=True, text=True,
                           env={**env, "REDIS_URL": "redis://127.0.0.1:1/0"})
     assert down.returncode == 2 and down.stderr.count("\n") == 1 and "unavailable" in down.stderr
 
@@ -211,7 +211,7 @@ def test_lower_priority_nices_the_process_and_its_session_autogroup():
     import subprocess
     import sys
 
-    code = ("import os; from backend.runtime import lower_priority; lower_priority(7); "
+    code = ("import os; from backend.process import lower_priority; lower_priority(7); "
             "print(os.nice(0)); p = '/proc/self/autogroup'; "
             "print(open(p).read().split('nice')[-1].strip() if os.path.exists(p) else 'none')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, start_new_session=True)
@@ -258,12 +258,12 @@ def test_train_now_takes_the_project_lock(redis_url, tmp_path):
     busy = event(q, "11", start_training=True)  # a queued retrain holds project 11
     env = {**os.environ, "REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "MODEL_DIR": str(tmp_path),
            "LABEL_STUDIO_URL": "http://127.0.0.1:1"}
-    out = subprocess.run([sys.executable, "-m", "training.cli", "train", "--project", "11", "--now"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "training.ops.cli", "train", "--project", "11", "--now"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and f"being retrained already (job {busy.job_id})" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1
     # free project: --now runs (here it fails at the export: Label Studio is down) and releases the lock
-    out = subprocess.run([sys.executable, "-m", "training.cli", "train", "--project", "12", "--now"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "training.ops.cli", "train", "--project", "12", "--now"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "unreachable" in out.stderr, out.stderr
     assert q.active_job("12") is None

@@ -18,7 +18,7 @@ from backend.yolo_model import ToothSegModel
 from training.dataset import LabeledImage, class_names, write_yolo_dataset
 from training.metrics import iou
 from training.model_changes import PanoramicDataset, ToothAssigner
-from training.synth import generate
+from training.data.synth import generate
 from training.train import PRESETS, TrainConfig, _Budget, preset
 
 

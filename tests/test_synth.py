@@ -14,9 +14,9 @@ from label_studio_sdk.label_interface import LabelInterface
 from backend import fdi
 from backend.formats import result_to_masks
 from backend.label_config import render_label_config
-from training.cli import main
-from training.labelme import read_labelme
-from training.synth import SynthSample, generate, sample_seed, write_dataset
+from training.ops.cli import main
+from training.data.labelme import read_labelme
+from training.data.synth import SynthSample, generate, sample_seed, write_dataset
 
 SEEDS = range(24)
 

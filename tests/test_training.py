@@ -21,11 +21,11 @@ from backend.yolo_model import ToothSegModel, proto_stride_of
 from conftest import REPO, register_model
 from training.dataset import LabeledImage, mask_polygon, split_train_val, write_yolo_dataset, yolo_label_lines
 from training.evaluate import Evaluation, evaluate_weights, gate
-from training.history import format_table, plot_history, version_rows
+from training.ops.history import format_table, plot_history, version_rows
 from training.metrics import Scores
 from training.model_changes import LargeBoxBboxLoss, area_weight
-from training.promotion import reject, store_version
-from training.synth import generate
+from backend.registry import reject, store_version
+from training.data.synth import generate
 from training.train import TrainConfig, train_model
 
 
@@ -192,15 +192,15 @@ def test_registry_rollback_history_and_cli(tmp_path, trained_weights):
     registry = Registry(models)
     assert registry.current_version("3") == v2
     env = {**os.environ, "MODEL_DIR": str(models)}
-    out = subprocess.run([sys.executable, "-m", "training.cli", "models", "rollback", v1, "--project", "3"],
+    out = subprocess.run([sys.executable, "-m", "training.ops.cli", "models", "rollback", v1, "--project", "3"],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and v1 in out.stdout
     assert registry.current_version("3") == v1
     assert [e["event"] for e in registry.history("3")] == ["promoted", "promoted", "rolled_back"]
-    listing = subprocess.run([sys.executable, "-m", "training.cli", "models", "list"], cwd=REPO, env=env,
+    listing = subprocess.run([sys.executable, "-m", "training.ops.cli", "models", "list"], cwd=REPO, env=env,
                              capture_output=True, text=True).stdout
     assert v1 in listing and v2 in listing and "current" in listing and "0.550" in listing
-    bad = subprocess.run([sys.executable, "-m", "training.cli", "models", "rollback", "v9-nope", "--project", "3"],
+    bad = subprocess.run([sys.executable, "-m", "training.ops.cli", "models", "rollback", "v9-nope", "--project", "3"],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "v9-nope" in bad.stderr
     png = plot_history(version_rows(registry, "3"), tmp_path / "h.png")
@@ -224,12 +224,32 @@ def test_corrupted_current_weights_fall_back_to_the_previous_version(tmp_path, t
     assert any(f"model version {v2} cannot be loaded" in r.message and r.levelname == "ERROR" for r in caplog.records)
 
 
+def test_a_version_that_failed_to_load_for_want_of_memory_is_retried(tmp_path, trained_weights, monkeypatch):
+    """Out of memory (or a file system error) is no verdict on the weights: the previous version
+    serves that request, the current one is loaded again on the next."""
+    models = tmp_path / "models"
+    v1 = register_model(models, "15", trained_weights)
+    v2 = register_model(models, "15", trained_weights)
+    runtime = Runtime(Settings.from_env({"MODEL_DIR": str(models)}))
+    load, failures = runtime._load_detector, []
+
+    def short_of_memory_once(weights):
+        if v2 in str(weights) and not failures:
+            failures.append(weights)
+            raise MemoryError("simulated")
+        return load(weights)
+
+    monkeypatch.setattr(runtime, "_load_detector", short_of_memory_once)
+    assert runtime.detector("15")[0] == v1 and failures
+    assert runtime.version("15") == v2 and runtime.detector("15")[0] == v2
+
+
 @pytest.mark.scenario("Disk full (ENOSPC) while a new model version is written",
                       "the half-written version is removed; CURRENT and the stored versions are unchanged")
 def test_disk_full_while_saving_leaves_current_untouched(tmp_path, trained_weights, monkeypatch):
     import shutil as shutil_module
 
-    import training.promotion as promotion
+    import backend.registry as registry_module
 
     models = tmp_path / "models"
     v1 = register_model(models, "6", trained_weights)
@@ -240,10 +260,10 @@ def test_disk_full_while_saving_leaves_current_untouched(tmp_path, trained_weigh
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(promotion.shutil, "copyfile", full)
+    monkeypatch.setattr(registry_module.shutil, "copyfile", full)
     with pytest.raises(OSError, match="No space left"):
         store_version(registry, "6", trained_weights, {}, {"tasks": []})
-    monkeypatch.setattr(promotion.shutil, "copyfile", shutil_module.copyfile)
+    monkeypatch.setattr(registry_module.shutil, "copyfile", shutil_module.copyfile)
     assert registry.current_version("6") == v1
     assert [v.version for v in registry.versions("6")] == [v1]
     assert not [p for p in (registry.project_dir("6") / "versions").iterdir() if p.name != v1]
@@ -253,23 +273,22 @@ KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
 import backend
-import training.promotion as promotion
+import backend.registry as registry_module
 from backend.registry import Registry
 from training.dataset import LabeledImage, write_yolo_dataset
-from training.promotion import promote, store_version
-from training.synth import generate
+from backend.registry import promote, store_version
+from training.data.synth import generate
 from training.train import TrainConfig, train_model
 work = Path(sys.argv[1]); models = Path(sys.argv[2])
 items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in enumerate(generate(4000 + i, (320, 160)) for i in range(6))]
 data = write_yolo_dataset(items[:4], items[4:], work / "ds")
 r = train_model(data, work / "run", TrainConfig(steps=4, batch=2, imgsz=256, time_budget=0), 0.4, 0.2)
-copy = promotion.shutil.copyfile
 def half_then_wait(src, dst, *args, **kwargs):  # the weights half written when the kill comes
     data = Path(src).read_bytes()
     Path(dst).write_bytes(data[: len(data) // 2])
     print("storing", flush=True)
     time.sleep(600)
-promotion.shutil.copyfile = half_then_wait
+registry_module.shutil.copyfile = half_then_wait
 reg = Registry(models)
 v = store_version(reg, "7", r.weights, {}, {"tasks": []})
 promote(reg, "7", v.version, "done")
@@ -299,7 +318,7 @@ def test_killed_training_leaves_the_current_model_untouched(tmp_path, trained_we
 
 
 def test_promotion_loses_to_a_rollback_made_during_training(tmp_path, trained_weights):
-    from training.promotion import promote, rollback
+    from backend.registry import promote, rollback
 
     models = tmp_path / "models"
     v1 = register_model(models, "8", trained_weights)

@@ -1,1 +1,3 @@
-"""toothseg learning side: retraining jobs, datasets, model changes, metrics, synthetic data, CLI."""
+"""toothseg learning side: the retrain job, training, the gate, metrics, pre-annotation passes and
+the simulation; dataset tooling in `training.data`, operations (CLI, stack, status) in
+`training.ops`."""

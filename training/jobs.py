@@ -11,7 +11,7 @@
 what the export and download leave, less a reserve for the mask refiner and the evaluation.
 Progress is written to the rq job's meta (`stage`, `progress`, `detail`, the budget), which
 `toothseg status` reads, to the worker's log, and to the project's ML backend in Label Studio
-(`training.ls_status`), where the outcome says what to do next when a model is not promoted.
+(`training.ops.ls_status`), where the outcome says what to do next when a model is not promoted.
 """
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ from backend.pipeline import PipelineOptions
 from backend.preprocess import pixel_statistics
 from backend.registry import ModelVersion, Registry, project_key
 from backend.retrain_queue import RetrainQueue, annotation_key
-from backend.runtime import lower_priority
+from backend.process import lower_priority
 from backend.settings import Settings
 from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
 from training.evaluate import Evaluation, GateDecision, evaluate_weights, gate
 from training.export import AnnotatedTask, ExportError, annotated_tasks, export_project, load_labeled_images, \
     manifest_for
-from training.ls_status import LabelStudioStatus
-from training.promotion import promote, reject, store_version, utc_now
+from training.ops.ls_status import LabelStudioStatus
+from backend.registry import promote, reject, store_version, utc_now
 from training.refiner_training import RefinerResult, reserve_seconds, train_refiner
 from training.train import TrainConfig, TrainResult, train_model
 
@@ -334,11 +334,11 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
 def retrain(project: str, reason: str = "") -> dict[str, Any]:
     """rq entry point (enqueued by `backend.retrain_queue`), coalesced per project. A failure
     propagates to rq, which retries with backoff and finally releases the project."""
+    settings = Settings.from_env()
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     project = project_key(project)
     job = get_current_job()
-    settings = Settings.from_env()
     if job is not None:
         lower_priority(settings.worker_nice)
     logger.info("project %s: retrain job %s started (%s)", project, job.id if job else "-", reason)

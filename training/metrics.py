@@ -79,7 +79,7 @@ from scipy.ndimage.distance_transform_edt). Two surface definitions, chosen by `
   surfels by distance before summing): differences of order 1e-15. (3) The scorer rounds
   each per-image value to 4 decimals in its CSV; nothing is rounded here. (4) Rasterisation
   is not part of these metrics: `evaluate_folder` reads Labelme files with
-  `training.labelme.read_labelme`, whose polygon filling is documented there.
+  `training.data.labelme.read_labelme`, whose polygon filling is documented there.
 
 Performance: distance transforms run on the bounding box of the pair's union padded by one
 pixel, not on the whole image. This is exact: every surface element of either mask lies
@@ -96,7 +96,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from training.labelme import read_labelme
+from training.data.labelme import read_labelme
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, nsd: str = "sts",
     without GT are ignored with a warning. Returns (rows sorted by stem, each
     {"image": stem, <Scores fields>, "missing_prediction": bool}, their mean Scores).
     Raises ValueError if `gt_dir` holds no .json file or an image's sizes differ, NotADirectoryError
-    if a folder does not exist, training.labelme.LabelmeError for an unreadable file.
+    if a folder does not exist, training.data.labelme.LabelmeError for an unreadable file.
     """
     _check_options(nsd, tolerance)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)

@@ -38,7 +38,7 @@ toothseg's own, for projects with a handful of annotated images:
 from __future__ import annotations
 
 from copy import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -67,9 +67,6 @@ class ModelChanges:
     tooth_class: bool = True
     mean: float = 0.0
     std: float = 1.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def area_weight(area: torch.Tensor, alpha: float) -> torch.Tensor:

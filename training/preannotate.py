@@ -10,7 +10,7 @@ the model predicts the unlabeled pool, SAM refines, the oracle verifies).
 - Fairness: the pass runs on its own queue (PREANNOTATE_QUEUE, listed after the training queue
   by `rq worker`, so a queued retrain goes first), in chunks of PREANNOTATE_CHUNK tasks (each
   chunk a job that enqueues the next), at nice level WORKER_NICE, so the backend's interactive
-  requests keep the CPU when both run (see backend.runtime.lower_priority).
+  requests keep the CPU when both run (see backend.process.lower_priority).
 - A newer promotion supersedes a running pass: it stops at its next task and the new version's
   pass takes over. SAM embeddings come from the shared disk cache (EMBEDDING_CACHE_DIR), so after
   a retrain a pass costs the detector and prompt decoding only.
@@ -24,24 +24,24 @@ from dataclasses import replace
 from typing import Any
 
 import redis
-from rq import Queue, Retry, get_current_job
-from rq.job import Job, JobStatus
+from rq import Queue, get_current_job
+from rq.job import Job
 
-from backend.formats import find_target, instances_to_results
+from backend.formats import find_target, instances_to_results, task_score
 from backend.images import ImageError, ImageLoader, task_image_url
-from backend.model import task_score
+from backend.process import lower_priority
+from backend.queues import FAILURE_TTL_S, LIVE_STATUSES, RESULT_TTL_S, RETRY, project_redis_key
 from backend.registry import Registry, project_key
-from backend.runtime import Runtime, lower_priority
+from backend.runtime import Runtime
 from backend.settings import Settings
 
 logger = logging.getLogger("toothseg.preannotate")
 
 JOB_FUNCTION = "training.preannotate.preannotate"
-_LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
 
 def _chain_key(project: str) -> str:
-    return f"toothseg:project:{project}:preannotate"
+    return project_redis_key(project, "preannotate")
 
 
 def enqueue_preannotation(conn: redis.Redis, settings: Settings, project: Any, version: str,
@@ -54,7 +54,7 @@ def enqueue_preannotation(conn: redis.Redis, settings: Settings, project: Any, v
     if raw:
         running_version, running_job = raw.decode().split(" ", 1)
         try:
-            live = Job.fetch(running_job, connection=conn).get_status() in _LIVE
+            live = Job.fetch(running_job, connection=conn).get_status() in LIVE_STATUSES
         except Exception:
             live = False
         if live and running_version == version:
@@ -63,7 +63,7 @@ def enqueue_preannotation(conn: redis.Redis, settings: Settings, project: Any, v
     conn.set(key, f"{version} {job_id}")
     Queue(settings.preannotate_queue, connection=conn).enqueue(
         JOB_FUNCTION, project, version, job_id=job_id, job_timeout=settings.train_job_timeout,
-        result_ttl=7 * 86400, failure_ttl=7 * 86400, retry=Retry(max=3, interval=[10, 30, 90]),
+        result_ttl=RESULT_TTL_S, failure_ttl=FAILURE_TTL_S, retry=RETRY,
         description=f"pre-annotate project {project} with {version} ({reason})",
         meta={"project": project, "version": version, "stage": "queued"})
     logger.info("project %s: pre-annotation with %s queued as %s (%s)", project, version, job_id, reason)
@@ -96,7 +96,7 @@ def plan(client, project: str, version: str, own_versions: set[str],
 
 
 def _failed_key(project: str, version: str) -> str:
-    return f"toothseg:project:{project}:preannotate:{version}:failed"
+    return project_redis_key(project, "preannotate", version, "failed")
 
 
 def run_chunk(project: str, version: str, settings: Settings, limit: int, report=None,
@@ -148,9 +148,9 @@ def run_chunk(project: str, version: str, settings: Settings, limit: int, report
 
 def preannotate(project: str, version: str) -> dict[str, Any]:
     """rq entry point: one chunk of the pass, then the next chunk is queued if tasks remain."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.preannotate_threads:
         settings = replace(settings, torch_threads=settings.preannotate_threads)  # the Runtime applies it
     job = get_current_job()

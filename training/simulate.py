@@ -83,8 +83,8 @@ PREDICTION_VARIANTS: dict[str, dict] = {
 
 def image_score(instances) -> float:
     """Task score of a pre-annotation: the mean confidence of its teeth (0 without teeth), as
-    `backend.model.task_score` gives Label Studio."""
-    from backend.model import task_score
+    `backend.formats.task_score` gives Label Studio."""
+    from backend.formats import task_score
 
     return task_score([{"score": inst.score} for inst in instances])
 
@@ -261,7 +261,7 @@ class SimProject:
 
         from backend.formats import find_target
         from backend.label_config import render_label_config
-        from training.synth import generate, label_studio_result, sample_seed
+        from training.data.synth import generate, label_studio_result, sample_seed
 
         self.config, self.seed, self.work, self.log = config, seed, work, log
         self.target = find_target(render_label_config())
@@ -410,7 +410,7 @@ class SimProject:
         """Start `target` from `source`'s current model (a version stored and promoted as it was);
         without one, `target` starts without a model too."""
         from backend.registry import Registry
-        from training.promotion import promote, store_version
+        from backend.registry import promote, store_version
 
         registry = Registry(self.settings.model_dir)
         current = registry.current(source)
@@ -456,7 +456,7 @@ def prediction_variants(sim: SimProject, project: int, record: TrainRecord) -> l
 
 def run_seed(config: SimConfig, seed: int, work: Path, log: Callable[[str], None] = print) -> SeedResult:
     """The cold-start table, the loop, its control and the reference for one seed."""
-    from backend.runtime import set_torch_threads
+    from backend.process import set_torch_threads
 
     set_torch_threads(0)
     start = time.perf_counter()
@@ -514,7 +514,7 @@ def rescore_seed(config: SimConfig, saved: SeedResult, work: Path, log: Callable
     steps, promotion) stay those of that run. For a change that acts at prediction time only: the
     models are not retrained, so a change of training is not measured."""
     from backend.registry import Registry
-    from backend.runtime import set_torch_threads
+    from backend.process import set_torch_threads
 
     if saved.rounds:
         raise ValueError(f"seed {saved.seed}: rescoring covers the cold-start table only (a run with --no-loop)")

@@ -192,7 +192,7 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
     weights."""
     from ultralytics import YOLO
 
-    from backend.runtime import set_torch_threads
+    from backend.process import set_torch_threads
 
     set_torch_threads(config.threads)
     if deadline is None and config.time_budget > 0:

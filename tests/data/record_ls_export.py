@@ -17,7 +17,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent.parent)]
 
 from backend.formats import mask_to_rle  # noqa: E402
 from export_shapes import CONFIG, H, POLYGONS, STROKES, W  # noqa: E402
-from training.stack import Stack  # noqa: E402
+from training.ops.stack import Stack  # noqa: E402
 from conftest import free_port  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main():
     (root / "stack").mkdir(parents=True)
     proc = subprocess.Popen(argv, env=env, stdout=open(root / "ls.log", "wb"), stderr=subprocess.STDOUT)
     try:
-        from training.bootstrap import wait_for_label_studio
+        from training.ops.bootstrap import wait_for_label_studio
 
         wait_for_label_studio(stack.label_studio_url, 300)
         client = LabelStudio(base_url=stack.label_studio_url, api_key="record-token-123")

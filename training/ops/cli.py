@@ -12,12 +12,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from training.dataset_cli import register_dataset_commands
+from training.data.dataset_cli import register_dataset_commands
+from training.ops import CLIError
 from training.simulate import add_arguments as add_simulate_arguments
-
-
-class CLIError(Exception):
-    """An expected failure: printed as one line, exit code 2."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -31,7 +28,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from training.synth import write_dataset
+    from training.data.synth import write_dataset
 
     summary = write_dataset(Path(args.out), n=args.n, seed=args.seed, size=args.size,
                             progress=not args.quiet, url_prefix=args.url_prefix)
@@ -66,8 +63,8 @@ def _project_arg(registry, project: str | None) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from backend.registry import Registry
-    from training.history import describe, format_table, plot_history, version_rows
-    from training.promotion import rollback
+    from training.ops.history import describe, format_table, plot_history, version_rows
+    from backend.registry import rollback
 
     registry = Registry(_settings().model_dir)
     project = _project_arg(registry, args.project)
@@ -94,7 +91,7 @@ def _need_version(args: argparse.Namespace) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import redis
 
-    from training.status import collect, format_status
+    from training.ops.status import collect, format_status
 
     settings = _settings()
     try:
@@ -179,27 +176,17 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from training.bootstrap import BootstrapConfig, bootstrap
+    from training.ops.bootstrap import BootstrapConfig, bootstrap
 
     env = os.environ
-    config_path = Path(env.get("LABEL_CONFIG_PATH") or Path(__file__).resolve().parents[1] / "label_studio_config.xml")
+    config_path = Path(env.get("LABEL_CONFIG_PATH") or Path(__file__).resolve().parents[2] / "label_studio_config.xml")
     if not config_path.exists():
         from backend.label_config import render_label_config
 
         label_config = render_label_config()
     else:
         label_config = config_path.read_text()
-    missing = [k for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BACKEND_URL") if not env.get(k)]
-    if missing:
-        raise CLIError(f"set {', '.join(missing)} (see README, configuration)")
-    cfg = BootstrapConfig(
-        label_studio_url=env["LABEL_STUDIO_URL"], api_key=env["LABEL_STUDIO_API_KEY"], backend_url=env["BACKEND_URL"],
-        label_config=label_config, project_title=env.get("PROJECT_TITLE", "toothseg"),
-        images_dir=Path(env["IMAGES_DIR"]) if env.get("IMAGES_DIR") else None,
-        train_after=int(env.get("TRAIN_AFTER_ANNOTATIONS", "0")),
-        basic_auth_user=env.get("BASIC_AUTH_USER", ""), basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
-        webhook_secret=env.get("WEBHOOK_SECRET", ""),
-        webhook_secret_header=env.get("WEBHOOK_SECRET_HEADER", "X-Toothseg-Webhook-Secret"))
+    cfg = BootstrapConfig.from_env(env, _settings(), label_config)
     try:
         result = bootstrap(cfg, wait=args.wait)
     except TimeoutError as exc:
@@ -213,7 +200,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_stack(args: argparse.Namespace) -> int:
     import time
 
-    from training.stack import Stack
+    from training.ops.stack import Stack
 
     stack = Stack(data=Path(args.data), images=Path(args.images or Path(args.data) / "images"))
     if args.action == "down":
@@ -334,7 +321,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # `python -m training.cli`: run the importable module's main, so the
-    from training.cli import main as _main  # CLIError other modules raise is the one caught
-
-    raise SystemExit(_main())
+if __name__ == "__main__":  # `python -m training.ops.cli`
+    raise SystemExit(main())

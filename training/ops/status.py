@@ -8,6 +8,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
+from backend.queues import project_of_key, project_redis_key
 from backend.registry import Registry
 from backend.settings import Settings
 
@@ -42,10 +43,10 @@ def collect(settings: Settings, queues: list[str]) -> dict[str, Any]:
         }
     registry = Registry(settings.model_dir)
     projects = set(registry.projects())
-    projects |= {k.decode().split(":")[2] for k in conn.scan_iter("toothseg:project:*:active")}
+    projects |= {project_of_key(k) for k in conn.scan_iter(project_redis_key("*", "active"))}
     for project in sorted(projects, key=int):
-        active = conn.get(f"toothseg:project:{project}:active")
-        events = conn.scard(f"toothseg:project:{project}:changed")
+        active = conn.get(project_redis_key(project, "active"))
+        events = conn.scard(project_redis_key(project, "changed"))
         out["projects"][project] = {
             "current_version": registry.current_version(project) or "-",
             "versions": len(registry.versions(project)),

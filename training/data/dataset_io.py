@@ -5,7 +5,7 @@ An item is one image and its teeth: `DatasetItem(name, image, masks)` with `imag
 at the image's size. Formats (`read_dataset(src, fmt)`, `open_writer(fmt, out)`):
 
 - `labelme`: STS 2024 Labelme JSON per image (`<name>.json`: one polygon shape per tooth part,
-  `label` = FDI string, `imagePath`, `imageHeight`, `imageWidth`; `training.labelme`). The image
+  `label` = FDI string, `imagePath`, `imageHeight`, `imageWidth`; `training.data.labelme`). The image
   is `imageData` when embedded, else `imagePath` relative to the JSON, else `<name>.<ext>` next to
   the JSON or in a sibling `images/` folder. Written: the JSON, and the image as `<name>.png`
   next to it unless the item's image is a file (then `imagePath` points to that file).
@@ -24,7 +24,7 @@ at the image's size. Formats (`read_dataset(src, fmt)`, `open_writer(fmt, out)`)
 
 Polygon formats (labelme, yolo, coco) store outlines: a hole inside a tooth mask is written
 filled. Coordinate frames: Labelme points are pixel-centre (col, row) coordinates
-(`training.labelme`); YOLO and COCO coordinates are continuous image coordinates whose pixel
+(`training.data.labelme`); YOLO and COCO coordinates are continuous image coordinates whose pixel
 (col, row) covers [col, col + 1) x [row, row + 1), so a pixel centre is at (col + 0.5, row + 0.5)
 (normalised by W and H for YOLO), the convention of `training.dataset`.
 
@@ -54,7 +54,7 @@ from backend.images import ImageError, decode_image
 from backend.instance import mask_box
 from backend.settings import Settings
 from training.dataset import yolo_label_lines
-from training.labelme import labelme_to_masks, polygons_to_labelme, write_labelme
+from training.data.labelme import labelme_to_masks, polygons_to_labelme, write_labelme
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LABEL_MAP = "label_map.json"

@@ -55,7 +55,7 @@ from backend import fdi
 from backend.fdi import ToothType
 from backend.formats import find_target, mask_to_regions, polygons_to_mask
 from backend.label_config import render_label_config
-from training.labelme import polygons_to_labelme, write_labelme
+from training.data.labelme import polygons_to_labelme, write_labelme
 
 REF_W, REF_H = 1024.0, 512.0
 """The reference frame all geometry is laid out in (pixels of a 1024 x 512 image)."""

@@ -1,7 +1,7 @@
 """`toothseg import | export | predict | evaluate`: labeled datasets into and out of Label Studio,
 STS submissions from a model, and the STS metrics of a submission.
 
-- import: each image of a dataset (`training.dataset_io` formats) is uploaded to a project
+- import: each image of a dataset (`training.data.dataset_io` formats) is uploaded to a project
   (multipart POST /api/projects/<id>/import), its task data gets `toothseg_source` = "<image
   file name>:<sha1 of its bytes>", and its teeth become brush (or polygon) regions of the
   project's labeling config, saved as a ground-truth annotation or as a prediction (model
@@ -17,7 +17,7 @@ STS submissions from a model, and the STS metrics of a submission.
 
 Building the parser imports nothing heavy; each command imports what it needs. Per-file
 problems print one line each (stderr) and the command ends with a summary and exit code 1;
-expected failures of the whole command raise CommandError (exit code 2, one line).
+expected failures of the whole command raise CLIError (exit code 2, one line).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
+from training.ops import CLIError
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
@@ -37,25 +38,18 @@ if TYPE_CHECKING:
     from backend.formats import Target
     from backend.pipeline import Pipeline
     from backend.settings import Settings
-    from training.dataset_io import DatasetItem
+    from training.data.dataset_io import DatasetItem
     from training.export import AnnotatedTask
     from training.metrics import Scores
 
 FORMATS = ("labelme", "masks", "yolo", "coco")
-"""The dataset formats of `training.dataset_io` (named here so that building the parser stays light)."""
+"""The dataset formats of `training.data.dataset_io` (named here so that building the parser stays light)."""
 
 SOURCE_KEY = "toothseg_source"
 """Task data key of an imported image: "<file name>:<sha1 of the file's bytes>"."""
 
 IMPORT_MODEL_VERSION = "import"
 _UPLOAD_TIMEOUT = 120.0
-
-
-class CommandError(ValueError):
-    """An expected failure of a whole command: `toothseg` prints it as one line, exit code 2.
-
-    A ValueError rather than training.cli.CLIError, which `python -m training.cli` defines twice
-    (as __main__.CLIError, which main catches, and training.cli.CLIError, which it would not)."""
 
 
 def _report(line: str) -> None:
@@ -83,7 +77,7 @@ def _connect() -> tuple[Settings, LabelStudio]:
     missing = [name for name, value in (("LABEL_STUDIO_URL", settings.label_studio_url),
                                         ("LABEL_STUDIO_API_KEY", settings.label_studio_api_key)) if not value]
     if missing:
-        raise CommandError(f"set {' and '.join(missing)} (Label Studio's address and an API token)")
+        raise CLIError(f"set {' and '.join(missing)} (Label Studio's address and an API token)")
     return settings, LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key,
                                  timeout=_UPLOAD_TIMEOUT)
 
@@ -104,9 +98,9 @@ def _get_project(client: LabelStudio, project_id: int, base_url: str) -> Any:
     try:
         return client.projects.get(id=project_id)
     except ApiError as exc:
-        raise CommandError(f"Label Studio at {base_url}: project {project_id}: {_api_message(exc)}") from None
+        raise CLIError(f"Label Studio at {base_url}: project {project_id}: {_api_message(exc)}") from None
     except httpx.HTTPError as exc:
-        raise CommandError(f"Label Studio at {base_url} is unreachable: {exc.__class__.__name__}: {exc}") from None
+        raise CLIError(f"Label Studio at {base_url} is unreachable: {exc.__class__.__name__}: {exc}") from None
 
 
 # --- import ----------------------------------------------------------------------------------
@@ -218,10 +212,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from backend.formats import find_target
     from backend.images import ImageError
     from backend.label_config import render_label_config
-    from training.dataset_io import ItemError, read_dataset
+    from training.data.dataset_io import ItemError, read_dataset
 
     if args.title and not args.new:
-        raise CommandError("--title names a project created with --new")
+        raise CLIError("--title names a project created with --new")
     settings, client = _connect()
     reader = read_dataset(args.src, args.format)
     try:
@@ -234,11 +228,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         target = find_target(project.label_config)
         importer = Importer(client, settings, project.id, target, args.kind)
     except ImageError as exc:
-        raise CommandError(exc.reason) from None
+        raise CLIError(exc.reason) from None
     except ApiError as exc:
-        raise CommandError(f"Label Studio at {settings.label_studio_url}: {_api_message(exc)}") from None
+        raise CLIError(f"Label Studio at {settings.label_studio_url}: {_api_message(exc)}") from None
     except httpx.HTTPError as exc:
-        raise CommandError(f"Label Studio at {settings.label_studio_url} is unreachable: {exc.__class__.__name__}: "
+        raise CLIError(f"Label Studio at {settings.label_studio_url} is unreachable: {exc.__class__.__name__}: "
                      f"{exc}") from None
     summary = ImportSummary()
     for entry in _progress(reader, len(reader), "import"):
@@ -252,7 +246,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             else:
                 summary.skipped += 1
         except httpx.TransportError as exc:
-            raise CommandError(f"Label Studio at {settings.label_studio_url} is unreachable: "
+            raise CLIError(f"Label Studio at {settings.label_studio_url} is unreachable: "
                          f"{exc.__class__.__name__}: {exc} ({summary})") from None
         except (ImportItemError, ApiError, httpx.HTTPError, ValueError, OSError) as exc:
             line = f"{entry.source}: {_api_message(exc) if isinstance(exc, ApiError) else exc}"
@@ -283,18 +277,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from backend.formats import find_target
     from backend.images import ImageLoader
     from training.dataset import split_train_val
-    from training.dataset_io import DatasetItem, open_writer
+    from training.data.dataset_io import DatasetItem, open_writer
     from training.export import ExportError, annotated_tasks, export_project, load_labeled_images
 
     if not 0.0 <= args.val_fraction < 1.0:
-        raise CommandError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        raise CLIError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     settings, client = _connect()
     project = _get_project(client, args.project, settings.label_studio_url)
     target = find_target(project.label_config)
     try:
         export = export_project(settings.label_studio_url, settings.label_studio_api_key, args.project)
     except ExportError as exc:
-        raise CommandError(str(exc)) from None
+        raise CLIError(str(exc)) from None
     tasks, unlabeled = annotated_tasks(export)
     names = _task_names(tasks)
     val: set[int] = set()
@@ -333,7 +327,7 @@ def _pipeline(args: argparse.Namespace, settings: Settings) -> tuple[Pipeline, s
         try:
             detector = Detector.load(weights, device=settings.device, conf=settings.detector_conf)
         except Exception as exc:  # torch / ultralytics raise many types for a file that is not their checkpoint
-            raise CommandError(f"--model {weights}: cannot load YOLOv8-seg weights "
+            raise CLIError(f"--model {weights}: cannot load YOLOv8-seg weights "
                                f"({exc.__class__.__name__}: {exc})") from None
         return Pipeline(detector, runtime.refiner(), PipelineOptions.from_settings(settings)), weights.name
     if args.project:
@@ -341,28 +335,28 @@ def _pipeline(args: argparse.Namespace, settings: Settings) -> tuple[Pipeline, s
     else:
         projects = Registry(settings.model_dir).projects()
         if len(projects) != 1:
-            raise CommandError(f"give --model WEIGHTS or --project ID (models in {settings.model_dir}: "
+            raise CLIError(f"give --model WEIGHTS or --project ID (models in {settings.model_dir}: "
                          f"{', '.join(projects) or 'none'})")
         project = projects[0]
     served = runtime.serve(project)
     if served.pipeline is None:
-        raise CommandError(f"project {project} has no model in {settings.model_dir} and YOLO_WEIGHTS is not set")
+        raise CLIError(f"project {project} has no model in {settings.model_dir} and YOLO_WEIGHTS is not set")
     return served.pipeline, served.version
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from backend.images import ImageError, XrayImage, decode_image, pixel_hash
     from backend.settings import Settings
-    from training.dataset_io import IMAGE_SUFFIXES, DatasetItem, open_writer
+    from training.data.dataset_io import IMAGE_SUFFIXES, DatasetItem, open_writer
 
     folder = Path(args.images)
     if not folder.is_dir():
-        raise CommandError(f"{folder}: not a folder")
+        raise CLIError(f"{folder}: not a folder")
     if args.model and not Path(args.model).is_file():
-        raise CommandError(f"--model {args.model}: no such file")
+        raise CLIError(f"--model {args.model}: no such file")
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise CommandError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise CLIError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     settings = Settings.from_env()
     pipeline, version = _pipeline(args, settings)
     sam = "with SAM" if pipeline.refiner is not None else "without SAM (SAM_CHECKPOINT not set)"
@@ -421,13 +415,13 @@ def _merge_variants(results: dict[str, tuple[list[dict], Scores]]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.labelme import LabelmeError, read_labelme
+    from training.data.labelme import LabelmeError, read_labelme
     from training.metrics import DEFAULT_TOLERANCE, NSD_VARIANTS, evaluate_folder
 
     pred, gt = Path(args.pred), Path(args.gt)
     for folder in (pred, gt):
         if not folder.is_dir():
-            raise CommandError(f"{folder}: not a folder")
+            raise CLIError(f"{folder}: not a folder")
     gt_files = sorted(gt.glob("*.json"))
     to_check = gt_files + [p for p in sorted(pred.glob("*.json")) if (gt / p.name).exists()]
     errors = []
@@ -438,7 +432,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             errors.append(str(exc).replace("\n", " "))
             _report(errors[-1])
     if errors:
-        raise CommandError(f"{len(errors)} unreadable Labelme file(s) (listed above): nothing scored")
+        raise CLIError(f"{len(errors)} unreadable Labelme file(s) (listed above): nothing scored")
     results = {variant: evaluate_folder(pred, gt, nsd=variant) for variant in NSD_VARIANTS}
     rows, means = _merge_variants(results)
     csv_path = Path(args.csv) if args.csv else pred.resolve().parent / "metrics.csv"

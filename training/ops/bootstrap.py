@@ -15,10 +15,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import httpx
 
+from backend.settings import Settings
+
 logger = logging.getLogger(__name__)
+
+
+TRAIN_AFTER_DEFAULT = 10
+"""Label Studio's "start training after N annotations" when TRAIN_AFTER_ANNOTATIONS is not set."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,28 @@ class BootstrapConfig:
     basic_auth_pass: str = ""
     webhook_secret: str = ""
     webhook_secret_header: str = "X-Toothseg-Webhook-Secret"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], settings: Settings, label_config: str) -> "BootstrapConfig":
+        """The configuration compose and the native stack give: the backend's own settings
+        (`settings`: Label Studio's address and token, basic auth, webhook secret) and the
+        bootstrap's variables BACKEND_URL, PROJECT_TITLE, IMAGES_DIR and TRAIN_AFTER_ANNOTATIONS
+        (default `TRAIN_AFTER_DEFAULT`, as in compose). ValueError names what is missing."""
+        missing = [name for name, value in (("LABEL_STUDIO_URL", settings.label_studio_url),
+                                            ("LABEL_STUDIO_API_KEY", settings.label_studio_api_key),
+                                            ("BACKEND_URL", env.get("BACKEND_URL"))) if not value]
+        if missing:
+            raise ValueError(f"set {', '.join(missing)} (see README, configuration)")
+        raw = env.get("TRAIN_AFTER_ANNOTATIONS") or str(TRAIN_AFTER_DEFAULT)
+        try:
+            train_after = int(raw)
+        except ValueError:
+            raise ValueError(f"TRAIN_AFTER_ANNOTATIONS={raw!r} is not a whole number") from None
+        return cls(settings.label_studio_url, settings.label_studio_api_key, env["BACKEND_URL"], label_config,
+                   project_title=env.get("PROJECT_TITLE") or "toothseg",
+                   images_dir=Path(env["IMAGES_DIR"]) if env.get("IMAGES_DIR") else None, train_after=train_after,
+                   basic_auth_user=settings.basic_auth_user, basic_auth_pass=settings.basic_auth_pass,
+                   webhook_secret=settings.webhook_secret, webhook_secret_header=settings.webhook_secret_header)
 
 
 def wait_for_label_studio(url: str, timeout: float = 300.0) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 DEFAULTS = {
     "LABEL_STUDIO_PORT": "8080",
@@ -55,6 +55,9 @@ unless the environment sets them. glibc otherwise gives each of gunicorn's threa
 arena (up to 8 per core), and memory one thread frees the others do not reuse: 20 concurrent
 /predicts (tests/test_load.py, SAM vit_tiny) peaked at 2147-2196 MB RSS with glibc's default and
 1728-1825 MB with 2 arenas (3 and 2 runs; SAM ViT-B: bench/results/load.md)."""
+LABEL_STUDIO_PASSED = ("ML_TIMEOUT_PREDICT",)
+"""Label Studio's own settings that `Stack(env=...)` passes to Label Studio: ML_TIMEOUT_PREDICT, the
+seconds it waits for one `/predict` (its default 100)."""
 
 
 def backend_command(bind: str) -> list[str]:
@@ -135,7 +138,7 @@ class Stack:
         from backend.settings import settings_table
 
         known = {name for name, _, _ in settings_table()}
-        prefixes = ("TRAIN_", "YOLO_", "BASIC_AUTH_", "TOOTHSEG_")
+        prefixes = ("TRAIN_", "YOLO_", "BASIC_AUTH_")
         extra = {k: v for k, v in self.env.items() if k in known or k.startswith(prefixes)}
         return {**PROCESS_ENV, **os.environ, **extra, **env}
 
@@ -153,6 +156,8 @@ class Stack:
             "LATEST_VERSION_CHECK": "false",
             "SENTRY_DSN": "",
             "FRONTEND_SENTRY_DSN": "",
+            # Label Studio's own settings that a stack's env may give
+            **{k: v for k, v in self.env.items() if k in LABEL_STUDIO_PASSED},
         }
 
     def services(self) -> dict[str, tuple[list[str], dict[str, str]]]:
