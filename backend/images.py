@@ -58,6 +58,11 @@ class XrayImage:
     sha1: str
     source: str
 
+    @classmethod
+    def of(cls, pixels: np.ndarray, source: str) -> "XrayImage":
+        """The decoded image `pixels` from `source` (a URL, a file, a name), its hash computed."""
+        return cls(pixels, pixel_hash(pixels), source)
+
     @property
     def height(self) -> int:
         return int(self.pixels.shape[0])
@@ -345,7 +350,7 @@ class ImageLoader:
     def load(self, url: str) -> XrayImage:
         """Fetch and decode: the task image as (H, W) uint8 grey with its content hash."""
         pixels = decode_image(self.fetch(url), self.settings.max_image_pixels, source=_display(url))
-        return XrayImage(pixels=pixels, sha1=pixel_hash(pixels), source=url)
+        return XrayImage.of(pixels, url)
 
 
 def _display(url: str) -> str:

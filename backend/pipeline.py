@@ -74,11 +74,7 @@ class Pipeline:
                                      opts.refiner_mirror)
         boxes = candidates.boxes[indices] if indices else np.zeros((0, 4))
         if self.refiner is not None and opts.use_sam and indices:
-            with self.refiner.lock:
-                with timer.stage("sam_encoder"):
-                    self.refiner.set_image(image.pixels, image.sha1)
-                with timer.stage("sam_decoder"):
-                    masks = self.refiner.refine(boxes, masks).masks
+            masks = self.refiner.refine(image.pixels, image.sha1, boxes, masks, timer).masks
         instances = []
         for a, mask in zip(numbered, masks):
             if mask.any():

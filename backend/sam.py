@@ -29,6 +29,8 @@ from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 
+from backend.timing import StageTimer
+
 logger = logging.getLogger(__name__)
 
 SAM_BUILDERS: dict[str, Callable[..., Sam]] = {
@@ -187,10 +189,17 @@ class SamRefiner:
                 ious.append(iou[:, 0].cpu().numpy())
         return np.concatenate(masks), np.concatenate(ious)
 
-    def refine(self, boxes: np.ndarray, yolo_masks: np.ndarray) -> Refinement:
-        """Refine YOLO's masks (k, H, W) inside their boxes (k, 4) on the current image.
-        Call with `lock` held, after `set_image`."""
-        sam_masks, sam_iou = self.decode_boxes(boxes)
+    def refine(self, pixels: np.ndarray, image_sha1: str, boxes: np.ndarray, yolo_masks: np.ndarray,
+               timer: StageTimer | None = None) -> Refinement:
+        """Refine YOLO's masks (k, H, W) inside their boxes (k, 4) on the image `pixels` (H, W) uint8
+        (its embedding from the cache when `image_sha1` is known). Holds the predictor for the whole
+        image; `timer` gets the stages sam_encoder and sam_decoder."""
+        timer = timer or StageTimer()
+        with self.lock:
+            with timer.stage("sam_encoder"):
+                self.set_image(pixels, image_sha1)
+            with timer.stage("sam_decoder"):
+                sam_masks, sam_iou = self.decode_boxes(boxes)
         used = np.zeros(len(boxes), dtype=bool)
         final = yolo_masks.copy()
         for i in range(len(boxes)):

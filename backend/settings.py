@@ -9,6 +9,9 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+"""MAX_IMAGE_PIXELS's default: the decompression-bomb guard of code that reads images without Settings."""
+
 
 def _bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
@@ -72,7 +75,7 @@ class Settings:
     image_host_allowlist: tuple[str, ...] = _setting("IMAGE_HOST_ALLOWLIST", "", _list,
         "Extra origins (comma-separated, e.g. https://cdn.example,http://10.0.0.5:8081; a bare host means "
         "https on 443) images may be downloaded from besides Label Studio's; no token is sent to them.")
-    max_image_pixels: int = _setting("MAX_IMAGE_PIXELS", "50000000", int,
+    max_image_pixels: int = _setting("MAX_IMAGE_PIXELS", str(DEFAULT_MAX_IMAGE_PIXELS), int,
         "Images with more pixels are refused (decompression-bomb guard).")
     max_download_bytes: int = _setting("MAX_DOWNLOAD_BYTES", "104857600", int, "Largest image download (bytes).")
     download_timeout: float = _setting("DOWNLOAD_TIMEOUT", "30", float,
@@ -102,7 +105,8 @@ class Settings:
     preannotate_after_promotion: bool = _setting("PREANNOTATE_AFTER_PROMOTION", "true", _bool,
         "After each promotion, pre-annotate every task without annotations in the background.")
     preannotate_chunk: int = _setting("PREANNOTATE_CHUNK", "20", int,
-        "Tasks per pre-annotation job; the next chunk is queued behind any waiting retrain.")
+        "Tasks per pre-annotation chunk. After a chunk the job goes on with the models it loaded while no other "
+        "job waits; otherwise the next chunk is queued behind the waiting retrain or pass.")
     worker_nice: int = _setting("WORKER_NICE", "10", int,
         "CPU niceness of the worker's jobs (retraining, pre-annotation) and of its session (autogroup), "
         "so interactive /predict requests keep the CPU.")

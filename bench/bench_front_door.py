@@ -108,11 +108,11 @@ def send_body(port: int, head: bytes, chunks, total: int) -> tuple[str, float, i
 
 def tiny_model(work: Path) -> Path:
     """A detector to register (the drip scenario needs a model, else /predict downloads nothing)."""
-    from training.dataset import LabeledImage, write_yolo_dataset
+    from training.dataset import write_yolo_dataset
     from training.data.synth import generate
     from training.train import TrainConfig, train_model
 
-    items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in enumerate(generate(i, (320, 160)) for i in range(3))]
+    items = [generate(i, (320, 160)).item(f"s{i}") for i in range(3)]
     data = write_yolo_dataset(items[:2], items[2:], work / "ds")
     return train_model(data, work / "run", TrainConfig(steps=1, batch=2, imgsz=160, time_budget=0), 0.4, 0.2).weights
 

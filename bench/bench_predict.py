@@ -112,7 +112,7 @@ def main() -> None:
             start = time.perf_counter()
             with timer.stage("load"):
                 pixels = decode_image(path.read_bytes(), 10**9)
-                image = XrayImage(pixels, pixel_hash(pixels), path.name)
+                image = XrayImage.of(pixels, path.name)
             instances = pipeline.run(image, timer)
             with timer.stage("encoding"):
                 instances_to_results(instances, target)

@@ -153,6 +153,42 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
             proc.wait()
 
 
+# --- Label Studio ----------------------------------------------------------------------------
+
+LS_TOKEN = "toothseg-tests-token-1234"
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """Base URL of a Label Studio server shared by the session's tests (its own data dir, legacy
+    token LS_TOKEN); tests make their own projects in it."""
+    from training.ops.bootstrap import wait_for_label_studio
+    from training.ops.stack import Stack
+
+    if not (LS_VENV / "bin" / "label-studio").exists():
+        pytest.skip(f"no Label Studio venv at {LS_VENV} (scripts/setup creates it)")
+    root = tmp_path_factory.mktemp("ls")
+    stack = Stack(data=root / "stack", images=root / "images", ls_venv=LS_VENV,
+                  env={"LABEL_STUDIO_PORT": str(free_port()), "LABEL_STUDIO_USER_TOKEN": LS_TOKEN})
+    argv, env = stack.services()["label-studio"]
+    stack.data.mkdir(parents=True)
+    log = root / "label-studio.log"
+    proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_label_studio(stack.label_studio_url, 240)
+        yield stack.label_studio_url
+    finally:
+        stop(proc, 30)
+
+
+@pytest.fixture(scope="session")
+def ls_client(label_studio):
+    """label-studio-sdk's client of the `label_studio` server."""
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=label_studio, api_key=LS_TOKEN)
+
+
 # --- Redis -----------------------------------------------------------------------------------
 
 class RedisServer:
@@ -245,6 +281,7 @@ def synth_dir(tmp_path_factory) -> Path:
 def _code_hash(*extra: object) -> str:
     h = hashlib.sha1(repr(extra).encode())
     for rel in ("training/data/synth.py", "training/train.py", "training/model_changes.py", "training/dataset.py",
+                "training/data/dataset_io.py",
                 "backend/yolo_model.py", "backend/preprocess.py", "backend/formats.py"):
         h.update((REPO / rel).read_bytes())
     return h.hexdigest()[:16]

@@ -18,45 +18,10 @@ from backend.formats import result_to_masks
 from training.data.dataset_io import ItemError, read_dataset
 from training.data.synth import write_dataset
 
-from conftest import LS_VENV, REPO, SYNTH_SIZE, free_port
+from conftest import LS_TOKEN as TOKEN, REPO, SYNTH_SIZE  # noqa: F401  (label_studio, ls_client: conftest fixtures)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-TOKEN = "dataset-cli-token-1234"
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    """Base URL of a Label Studio server (its own data dir, legacy token TOKEN)."""
-    from training.ops.bootstrap import wait_for_label_studio
-    from training.ops.stack import Stack
-
-    if not (LS_VENV / "bin" / "label-studio").exists():
-        pytest.skip(f"no Label Studio venv at {LS_VENV} (scripts/setup creates it)")
-    root = tmp_path_factory.mktemp("ls")
-    stack = Stack(data=root / "stack", images=root / "images", ls_venv=LS_VENV,
-                  env={"LABEL_STUDIO_PORT": str(free_port()), "LABEL_STUDIO_USER_TOKEN": TOKEN})
-    argv, env = stack.services()["label-studio"]
-    stack.data.mkdir(parents=True)
-    log = root / "label-studio.log"
-    proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_label_studio(stack.label_studio_url, 240)
-        yield stack.label_studio_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def client(label_studio):
-    from label_studio_sdk import LabelStudio
-
-    return LabelStudio(base_url=label_studio, api_key=TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +46,7 @@ def ground_truth(folder: Path) -> dict:
     return {item.name: item for item in read_dataset(folder, "labelme") if not isinstance(item, ItemError)}
 
 
-def test_import_rerun_and_export_round_trip(label_studio, client, dataset, tmp_path):
+def test_import_rerun_and_export_round_trip(label_studio, ls_client, dataset, tmp_path):
     src = tmp_path / "labelme"
     src.mkdir()
     for path in (dataset / "labelme").glob("*.json"):  # imagePath ../images/<name>.png still resolves
@@ -101,25 +66,25 @@ def test_import_rerun_and_export_round_trip(label_studio, client, dataset, tmp_p
     errors = [line for line in out.stderr.splitlines() if "broken.json" in line]
     assert len(errors) == 1 and errors[0].startswith(f"{src / 'broken.json'}: invalid JSON")
 
-    tasks = list(client.tasks.list(project=project, fields="all"))
+    tasks = list(ls_client.tasks.list(project=project, fields="all"))
     assert len(tasks) == 4
     by_name = {t.data["toothseg_source"].split(":")[0]: t for t in tasks}
     assert sorted(by_name) == sorted(f"{name}.png" for name in gt)
     for name, item in gt.items():
         task = by_name[f"{name}.png"]
         assert task.data["image"].startswith(f"/data/upload/{project}/")
-        annotations = client.annotations.list(id=task.id)
+        annotations = ls_client.annotations.list(id=task.id)
         assert len(annotations) == 1 and annotations[0].ground_truth
         masks = result_to_masks(annotations[0].result)
         assert sorted(masks) == sorted(item.masks)
         assert all(np.array_equal(masks[label], item.masks[label]) for label in item.masks)  # brush RLE: exact
-    assert not list(client.predictions.list(project=project))
+    assert not list(ls_client.predictions.list(project=project))
 
     again = toothseg(label_studio, "import", src, "--project", project, "--format", "labelme")
     assert summary(again) == (f"import into project {project} as annotations: "
                               f"0 imported, 4 skipped (already there), 1 failed")
-    assert len(list(client.tasks.list(project=project))) == 4
-    assert sum(len(client.annotations.list(id=t.id)) for t in tasks) == 4
+    assert len(list(ls_client.tasks.list(project=project))) == 4
+    assert sum(len(ls_client.annotations.list(id=t.id)) for t in tasks) == 4
 
     out = toothseg(label_studio, "export", "--project", project, tmp_path / "export", "--format", "labelme")
     assert out.returncode == 0, out.stderr
@@ -143,16 +108,16 @@ def test_import_rerun_and_export_round_trip(label_studio, client, dataset, tmp_p
     assert f"{len(train)} train, {len(val)} val images" in summary(out)
 
 
-def test_import_as_predictions(label_studio, client, dataset, tmp_path):
+def test_import_as_predictions(label_studio, ls_client, dataset, tmp_path):
     out = toothseg(label_studio, "import", dataset / "labelme", "--new", "--format", "labelme",
                    "--as", "predictions")
     assert out.returncode == 0, out.stderr
     project = int(out.stdout.split()[2])
     assert summary(out) == (f"import into project {project} as predictions: "
                             f"4 imported, 0 skipped (already there), 0 failed")
-    tasks = list(client.tasks.list(project=project, fields="all"))
+    tasks = list(ls_client.tasks.list(project=project, fields="all"))
     assert len(tasks) == 4 and all(t.total_annotations == 0 for t in tasks)
-    predictions = list(client.predictions.list(project=project))
+    predictions = list(ls_client.predictions.list(project=project))
     assert len(predictions) == 4 and {p.model_version for p in predictions} == {"import"}
     gt = ground_truth(dataset / "labelme")
     for prediction in predictions:
@@ -163,10 +128,10 @@ def test_import_as_predictions(label_studio, client, dataset, tmp_path):
     again = toothseg(label_studio, "import", dataset / "labelme", "--project", project, "--format", "labelme",
                      "--as", "predictions")
     assert summary(again).endswith("0 imported, 4 skipped (already there), 0 failed")
-    assert len(list(client.predictions.list(project=project))) == 4
+    assert len(list(ls_client.predictions.list(project=project))) == 4
 
 
-def test_personal_access_token_is_refreshed_and_sent_as_bearer(label_studio, client, tmp_path):
+def test_personal_access_token_is_refreshed_and_sent_as_bearer(label_studio, ls_client, tmp_path):
     """A personal access token (a JWT refresh token) as LABEL_STUDIO_API_KEY: the export and the image
     download go through, each with an access token label_studio_sdk refreshed from it."""
     import httpx
@@ -176,9 +141,9 @@ def test_personal_access_token_is_refreshed_and_sent_as_bearer(label_studio, cli
     from backend.settings import Settings
     from training.export import export_project
 
-    personal = client.tokens.create().token  # made with the legacy token; a JWT refresh token
+    personal = ls_client.tokens.create().token  # made with the legacy token; a JWT refresh token
     assert personal.count(".") == 2
-    project = client.projects.create(title="pat", label_config='<View><Image name="image" value="$image"/>'
+    project = ls_client.projects.create(title="pat", label_config='<View><Image name="image" value="$image"/>'
                                      '<BrushLabels name="tag" toName="image"><Label value="11"/></BrushLabels></View>')
     png = tmp_path / "pat.png"
     Image.fromarray((np.arange(64 * 32) % 251).astype(np.uint8).reshape(32, 64)).save(png)
@@ -186,7 +151,7 @@ def test_personal_access_token_is_refreshed_and_sent_as_bearer(label_studio, cli
         r = httpx.post(f"{label_studio}/api/projects/{project.id}/import", files={"file": ("pat.png", f, "image/png")},
                        headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
     assert r.status_code == 201, r.text
-    url = next(iter(client.tasks.list(project=project.id))).data["image"]
+    url = next(iter(ls_client.tasks.list(project=project.id))).data["image"]
     assert url.startswith("/data/upload/")
 
     settings = Settings.from_env({"LABEL_STUDIO_URL": label_studio, "LABEL_STUDIO_API_KEY": personal})

@@ -1,17 +1,28 @@
 """Export conversion on an export recorded from a real Label Studio 1.23.2 server
-(tests/data/record_ls_export.py wrote tests/data/ls_export_1.23.2.json)."""
+(tests/data/record_ls_export.py wrote tests/data/ls_export_1.23.2.json), and the annotation keys of
+a live server's webhook and export."""
 import json
 from pathlib import Path
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import cv2
 import numpy as np
+import pytest
+import redis
 
 from backend.formats import result_to_masks
+from backend.label_config import render_label_config
 from backend.images import ImageLoader
 from backend.retrain_queue import annotation_key
 from backend.settings import Settings
+from backend.webhooks import handle_webhook
+from conftest import LS_TOKEN, QUEUE, SYNTH_SIZE, gt_result, wait_for
 from export_shapes import H, W, expected_brush_masks
-from training.export import annotated_tasks, choose_annotation, load_labeled_images, manifest_for
+from training.data.synth import generate
+from training.export import annotated_tasks, choose_annotation, export_annotation_keys, export_project, \
+    load_labeled_images, manifest_for
 
 EXPORT = json.loads((Path(__file__).parent / "data" / "ls_export_1.23.2.json").read_text())
 
@@ -53,9 +64,9 @@ def test_images_are_downloaded_and_mismatched_sizes_skipped(tmp_path):
     annotated, _ = annotated_tasks(EXPORT)
     loader = ImageLoader(Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path)}))
     got, skipped = load_labeled_images(annotated, loader, "image")
-    assert [g.key for g in got] == ["task_1", "task_3"]
+    assert [g.name for g in got] == ["task_1", "task_3"]
     assert len(skipped) == 1 and "task 2" in skipped[0] and "200x100 image, the image is 400x200" in skipped[0]
-    assert set(got[0].masks) == {"11", "21"} and got[0].pixels.shape == (H, W)
+    assert set(got[0].masks) == {"11", "21"} and got[0].pixels().shape == (H, W)
 
 
 def test_manifest_records_what_was_trained_on():
@@ -68,8 +79,49 @@ def test_manifest_records_what_was_trained_on():
     assert manifest_for("7", annotated[:1], annotated[1:])["hash"] != m1["hash"]
 
 
-def test_export_and_webhook_times_give_the_same_annotation_key():
-    ann = EXPORT[0]["annotations"][0]
-    webhook_time = ann["updated_at"]  # the webhook payload serialises the same field
-    assert annotation_key(ann["id"], webhook_time) == annotation_key(1, ann["updated_at"].replace("Z", "+00:00"))
+def test_annotation_key_normalises_the_time():
+    assert annotation_key(7, "2026-11-27T10:00:00.123456Z") == annotation_key("7", "2026-11-27T11:00:00.123456+01:00")
+    assert annotation_key(7, "2026-11-27T10:00:00Z") != annotation_key(7, "2026-11-27T10:00:01Z")
     assert annotation_key(1, None) == "1@deleted"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_real_webhook_and_the_export_give_the_same_annotation_key(label_studio, ls_client, redis_url):
+    """Label Studio's own ANNOTATION_UPDATED payload, recorded by `backend.webhooks`, names the key
+    that the export of the same annotation gives (`training.export.export_annotation_keys`): that is
+    how a retrain knows an event that arrived during its export is already trained on."""
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        project = ls_client.projects.create(title="webhook keys", label_config=render_label_config())
+        ls_client.webhooks.create(url=f"http://127.0.0.1:{server.server_port}/webhook", project=project.id,
+                                  send_payload=True, send_for_all_actions=False,
+                                  actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED"])
+        task = ls_client.tasks.create(project=project.id, data={"image": "https://images.invalid/x.png"})
+        sample = generate(5, SYNTH_SIZE)
+        annotation = ls_client.annotations.create(id=task.id, result=gt_result(sample)[:2])
+        ls_client.annotations.update(id=annotation.id, result=gt_result(sample)[:3])
+        wait_for("the ANNOTATION_UPDATED webhook", lambda: [p for p in received if p.get("action") == "ANNOTATION_UPDATED"],
+                 60, 0.2)
+        settings = Settings.from_env({"REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "RETRAIN_MIN_NEW_ANNOTATIONS": "100"})
+        for payload in received:
+            body, status = handle_webhook(payload, settings)
+            assert status == 200 and body["status"] == "waiting", body
+        recorded = {m.decode() for m in redis.Redis.from_url(redis_url).smembers(f"toothseg:project:{project.id}:changed")}
+        exported = export_annotation_keys(export_project(label_studio, LS_TOKEN, project.id))
+        assert len(recorded) == 2 and len(exported) == 1, (recorded, exported)
+        assert exported[0] in recorded  # the update's key; the creation's is an older state of the annotation
+    finally:
+        server.shutdown()

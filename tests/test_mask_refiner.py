@@ -11,7 +11,6 @@ import torch
 from backend.detector import Detector
 from backend.mask_refiner import CHECKPOINT_KEY, MaskRefiner, RefinerNet, crop_mask, crop_window, paste
 from conftest import SYNTH_SIZE
-from training.dataset import LabeledImage
 from training.data.synth import generate
 
 REFINER_TEST_STEPS = 150  # about 40 s on 2 cores; the product trains TRAIN_REFINER_STEPS (200)
@@ -74,8 +73,7 @@ def test_the_refiner_is_stored_in_the_checkpoint_and_redraws_masks_tighter(train
     shutil.copyfile(trained_weights, weights)
     assert Detector.load(weights).refiner is None
     # the fixture's detector was trained on synth seeds 1000..1023: the refiner trains on 8 of them
-    train = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
-             ((i, generate(1000 + i, SYNTH_SIZE)) for i in range(8))]
+    train = [generate(1000 + i, SYNTH_SIZE).item(f"s{i}") for i in range(8)]
     result = train_refiner(weights, train, REFINER_TEST_STEPS)
     assert result.steps_run == REFINER_TEST_STEPS and result.pairs > 100, result
     detector = Detector.load(weights)
@@ -114,7 +112,7 @@ def test_the_refiner_stops_at_the_jobs_deadline_and_writes_nothing_then(trained_
     weights = tmp_path / "weights.pt"
     shutil.copyfile(trained_weights, weights)
     before = weights.read_bytes()
-    train = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in ((i, generate(1000 + i, SYNTH_SIZE)) for i in range(2))]
+    train = [generate(1000 + i, SYNTH_SIZE).item(f"s{i}") for i in range(2)]
     result = train_refiner(weights, train, 50, deadline=time.monotonic())
     assert result.steps_run == 0 and result.stopped_by == "budget" and result.pairs > 0, result
     assert weights.read_bytes() == before and Detector.load(weights).refiner is None
@@ -127,7 +125,7 @@ def test_a_short_warm_started_refiner_trains(trained_weights, tmp_path, steps):
 
     weights = tmp_path / "weights.pt"
     shutil.copyfile(trained_weights, weights)
-    train = [LabeledImage("s0", generate(1000, SYNTH_SIZE).image, generate(1000, SYNTH_SIZE).masks())]
+    train = [generate(1000, SYNTH_SIZE).item("s0")]
     warm = MaskRefiner(RefinerNet().eval(), steps=7)
     result = train_refiner(weights, train, steps, warm=warm)
     assert result.steps_run == steps, result
@@ -139,5 +137,5 @@ def test_train_refiner_steps_0_means_no_refiner(trained_weights, tmp_path):
 
     weights = tmp_path / "weights.pt"
     shutil.copyfile(trained_weights, weights)
-    result = train_refiner(weights, [LabeledImage("s0", generate(1000, SYNTH_SIZE).image, generate(1000, SYNTH_SIZE).masks())], 0)
+    result = train_refiner(weights, [generate(1000, SYNTH_SIZE).item("s0")], 0)
     assert (result.steps_run, result.stopped_by) == (0, "off") and Detector.load(weights).refiner is None

@@ -122,9 +122,16 @@ def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_wor
     worker = start_worker(redis_url, SLOW_JOB_SECONDS=300)
     q = queue_for(redis_url)
     first = event(q, "4", start_training=True)
-    deadline = time.monotonic() + 30
-    while not runs(redis_url) and time.monotonic() < deadline:
-        time.sleep(0.1)
+
+    def logs():
+        return "\n".join(f"--- {log.name}\n{log.read_text()}" for log in sorted(tmp_path.glob("worker-*.log")))
+
+    # the job is running (its work horse has recorded the run) before the worker is killed; a slow
+    # machine may take a while to fork it, so wait for the event, and fail here if it never comes
+    try:
+        wait_for("the first run to start", lambda: runs(redis_url), 120, 0.1)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{logs()}") from None
     horses = _descendants(worker.pid)  # the work horse running the job, found by its parent's pid
     worker.kill()  # SIGKILL mid-run: no cleanup code of the worker runs
     worker.wait()
@@ -141,8 +148,7 @@ def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_wor
     job = Job.fetch(first.job_id, connection=r)
     latest = job.latest_result()
     seen = (f"job {job.get_status()}, {job.retries_left} retries left, latest result "
-            f"{latest and (latest.type, latest.exc_string)}\n"
-            + "\n".join(f"--- {log.name}\n{log.read_text()}" for log in sorted(tmp_path.glob("worker-*.log"))))
+            f"{latest and (latest.type, latest.exc_string)}\n{logs()}")
     assert runs(redis_url) == [f"{first.job_id}|START_TRAINING"] * 2, seen
     assert job.get_status() == "finished", seen  # its retry finished
     assert event(q, "4", start_training=True).status == "enqueued"

@@ -14,8 +14,9 @@ from ultralytics.utils.tal import TaskAlignedAssigner
 from backend import fdi
 from backend.detector import Detector, guided_filter
 from backend.numbering import number_teeth
+from backend.settings import Settings
 from backend.yolo_model import ToothSegModel
-from training.dataset import LabeledImage, class_names, write_yolo_dataset
+from training.dataset import class_names, write_yolo_dataset
 from training.metrics import iou
 from training.model_changes import PanoramicDataset, ToothAssigner
 from training.data.synth import generate
@@ -108,8 +109,7 @@ def test_masks_are_sampled_at_full_resolution_inside_the_box():
 
 
 def test_panoramic_canvas(tmp_path):
-    items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
-             enumerate(generate(500 + i, (400, 200)) for i in range(3))]
+    items = [generate(500 + i, (400, 200)).item(f"s{i}") for i in range(3)]
     data = write_yolo_dataset(items[:2], items[2:], tmp_path)
     import yaml
 
@@ -140,6 +140,19 @@ def test_length_in_steps_and_presets():
     with pytest.raises(ValueError, match="TRAIN_TOOTH_CLASS"):
         TrainConfig.from_env({"TRAIN_TOOTH_CLASS": "maybe"})
     assert set(PRESETS) == {"small", "paper"}
+
+
+def test_training_runs_on_device_unless_train_device_says_otherwise(monkeypatch):
+    from training.jobs import train_config
+
+    settings = Settings.from_env({"DEVICE": "cuda:1"})
+    monkeypatch.delenv("TRAIN_DEVICE", raising=False)
+    assert train_config(settings).device == "cuda:1"
+    monkeypatch.setenv("TRAIN_DEVICE", "cpu")
+    assert train_config(settings).device == "cpu"
+    # defaults sit between the preset and the TRAIN_* variables
+    assert TrainConfig.from_env({"TRAIN_BATCH": "3"}, defaults={"batch": 5, "device": "mps"}).batch == 3
+    assert TrainConfig.from_env({}, defaults={"device": "mps"}).device == "mps"
 
 
 def fake_trainer(epoch: int, epochs: int, elapsed: float):
@@ -179,7 +192,7 @@ def test_first_training_starts_from_coco_style_weights(tmp_path):
     coco = YOLO("yolov8n-seg.yaml", task="segment")
     coco.model.names = {i: f"coco{i}" for i in range(80)}
     coco.save(tmp_path / "coco.pt")
-    items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in enumerate(generate(700 + i, (320, 160)) for i in range(3))]
+    items = [generate(700 + i, (320, 160)).item(f"s{i}") for i in range(3)]
     data = write_yolo_dataset(items[:2], items[2:], tmp_path / "ds")
     config = TrainConfig(steps=1, batch=2, imgsz=160, lr0=0.0, warmup_steps=0, time_budget=0)
     result = train_model(data, tmp_path / "run", config, 0.4, 0.2, warm_start=tmp_path / "coco.pt", val_items=items[2:])

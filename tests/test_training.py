@@ -19,7 +19,8 @@ from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.yolo_model import ToothSegModel, proto_stride_of
 from conftest import REPO, register_model
-from training.dataset import LabeledImage, mask_polygon, split_train_val, write_yolo_dataset, yolo_label_lines
+from training.data.dataset_io import mask_polygon, yolo_label_lines
+from training.dataset import split_train_val, write_yolo_dataset
 from training.evaluate import Evaluation, evaluate_weights, gate
 from training.ops.history import format_table, plot_history, version_rows
 from training.metrics import Scores
@@ -31,8 +32,7 @@ from training.train import TrainConfig, train_model
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
-    items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
-             enumerate(generate(2000 + i, (320, 160)) for i in range(6))]
+    items = [generate(2000 + i, (320, 160)).item(f"s{i}") for i in range(6)]
     out = tmp_path_factory.mktemp("ds")
     data = write_yolo_dataset(items[:4], items[4:], out)
     return data, items
@@ -105,7 +105,7 @@ def test_dataset_labels_and_split(small_dataset, tmp_path):
 @pytest.mark.parametrize("stride,alpha", [(2, 4.0), (4, 0.0), (1, 4.0)])
 def test_training_runs_with_each_change(small_dataset, tmp_path, stride, alpha):
     data, items = small_dataset
-    mean, std = pixel_statistics([it.pixels for it in items[:4]])
+    mean, std = pixel_statistics([it.pixels() for it in items[:4]])
     config = TrainConfig(steps=2, batch=2, imgsz=256, proto_stride=stride, large_box_alpha=alpha, warmup_steps=0,
                          time_budget=0)
     result = train_model(data, tmp_path / "run", config, mean, std)
@@ -130,8 +130,7 @@ def test_warm_start_keeps_classes_and_takes_new_statistics(small_dataset, tmp_pa
 
 def test_worse_candidate_is_not_promoted(small_dataset, tmp_path, trained_weights):
     _, items = small_dataset
-    val = [LabeledImage(f"v{i}", s.image, s.masks()) for i, s in
-           enumerate(generate(3000 + i, (640, 320)) for i in range(4))]
+    val = [generate(3000 + i, (640, 320)).item(f"v{i}") for i in range(4)]
     options = PipelineOptions(min_score=0.05, use_sam=False)
     current = evaluate_weights(trained_weights, val, options)
     # a candidate trained for two steps from scratch: clearly worse
@@ -275,12 +274,12 @@ from pathlib import Path
 import backend
 import backend.registry as registry_module
 from backend.registry import Registry
-from training.dataset import LabeledImage, write_yolo_dataset
+from training.dataset import write_yolo_dataset
 from backend.registry import promote, store_version
 from training.data.synth import generate
 from training.train import TrainConfig, train_model
 work = Path(sys.argv[1]); models = Path(sys.argv[2])
-items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in enumerate(generate(4000 + i, (320, 160)) for i in range(6))]
+items = [generate(4000 + i, (320, 160)).item(f"s{i}") for i in range(6)]
 data = write_yolo_dataset(items[:4], items[4:], work / "ds")
 r = train_model(data, work / "run", TrainConfig(steps=4, batch=2, imgsz=256, time_budget=0), 0.4, 0.2)
 def half_then_wait(src, dst, *args, **kwargs):  # the weights half written when the kill comes
@@ -349,7 +348,7 @@ def test_pseudo_labels_keep_only_confident_predictions(trained_weights, synth_di
 
     images, records = run(0.01)
     assert [r["task_id"] for r in records] == [0, 1, 2, 3]  # the missing image is skipped
-    assert [im.key for im in images] == ["pseudo_0", "pseudo_1", "pseudo_2", "pseudo_3"]
+    assert [im.name for im in images] == ["pseudo_0", "pseudo_1", "pseudo_2", "pseudo_3"]
     assert all(len(im.masks) == r["teeth"] > 0 for im, r in zip(images, records))
     scores = sorted(r["score"] for r in records)  # rounded to 4 places: cut between two of them
     assert scores[1] < scores[2]

@@ -1,62 +1,25 @@
-"""YOLO-seg datasets from tooth masks, and the deterministic train/val split.
+"""The detector's training data: the deterministic train/val split of a project's tasks, the
+detector's classes, and the YOLO-seg dataset written from `DatasetItem`s.
 
-Layout written (ultralytics' own): images/{train,val}/<key>.png (grey PNG), labels/{train,val}/<key>.txt
-with one line per tooth: "<class> x1 y1 x2 y2 ..." (polygon, coordinates normalised to [0, 1]),
-class = index in `backend.fdi.FDI_LABELS`, and data.yaml naming all 52 FDI classes (and the tooth
-super-class after them, `class_names`). A tooth whose
-mask has several parts becomes one polygon: the parts are joined at their closest points by
-ultralytics' `merge_multi_segment` (as its COCO converter does).
+Layout written (ultralytics' own, by `training.data.dataset_io.YoloWriter`): images/{train,val}/<name>.png
+(grey PNG), labels/{train,val}/<name>.txt with one line per tooth: "<class> x1 y1 x2 y2 ..."
+(polygon normalised to [0, 1], class = index in `backend.fdi.FDI_LABELS`; a tooth of several parts
+is one polygon), and data.yaml naming all 52 FDI classes and the tooth super-class after them
+(`class_names`).
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterable, Sequence
 
-import cv2
-import numpy as np
-import yaml
-from ultralytics.data.converter import merge_multi_segment
-
 from backend import fdi
-from backend.formats import mask_to_polygons
+from training.data.dataset_io import DatasetItem, YoloWriter
 
-
-@dataclass
-class LabeledImage:
-    """One training image: `key` (file stem), `pixels` (H, W) uint8 grey, {FDI label: (H, W) bool mask}."""
-
-    key: str
-    pixels: np.ndarray
-    masks: dict[str, np.ndarray]
-
-
-def mask_polygon(mask: np.ndarray, epsilon: float = 1.0) -> np.ndarray | None:
-    """One (N, 2) pixel polygon for a tooth mask (parts merged), or None if the mask is empty."""
-    parts = mask_to_polygons(mask, epsilon=epsilon)
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    parts.sort(key=lambda p: p[:, 0].min())  # left to right, so the bridges stay short
-    return np.concatenate(merge_multi_segment([p.reshape(-1).tolist() for p in parts]), axis=0)
-
-
-def yolo_label_lines(masks: dict[str, np.ndarray], epsilon: float = 1.0) -> list[str]:
-    """{FDI label: (H, W) mask} -> YOLO-seg label lines (class, normalised polygon)."""
-    lines = []
-    for label in sorted(masks, key=fdi.CLASS_INDEX.__getitem__):
-        mask = masks[label]
-        h, w = mask.shape
-        poly = mask_polygon(mask, epsilon)
-        if poly is None:
-            continue
-        norm = np.clip((poly + 0.5) / np.array([w, h]), 0.0, 1.0)
-        coords = " ".join(f"{v:.6f}" for v in norm.reshape(-1))
-        lines.append(f"{fdi.CLASS_INDEX[label]} {coords}")
-    return lines
+TRAIN_POLYGON_EPSILON = 1.0
+"""Douglas-Peucker tolerance (pixels) of the training labels' polygons: ultralytics resamples every
+polygon to a fixed number of points anyway, so a pixel of simplification only makes the files small."""
 
 
 def split_train_val(keys: Sequence[Hashable], val_fraction: float = 0.2) -> tuple[list, list]:
@@ -91,32 +54,15 @@ def class_names(tooth_class: bool = True) -> dict[int, str]:
     return dict(enumerate(names))
 
 
-def write_yolo_dataset(train: Iterable[LabeledImage], val: Iterable[LabeledImage], out: Path,
+def write_yolo_dataset(train: Iterable[DatasetItem], val: Iterable[DatasetItem], out: Path,
                        tooth_class: bool = True) -> Path:
     """Write a YOLO-seg dataset to `out` (classes: `class_names(tooth_class)`); returns the path of
-    its data.yaml."""
-    out = Path(out)
-    counts = {}
-    for split, items in (("train", train), ("val", val)):
-        img_dir, lbl_dir = out / "images" / split, out / "labels" / split
-        img_dir.mkdir(parents=True, exist_ok=True)
-        lbl_dir.mkdir(parents=True, exist_ok=True)
-        n = 0
-        for item in items:
-            if not cv2.imwrite(str(img_dir / f"{item.key}.png"), item.pixels):
-                raise OSError(f"could not write {img_dir / item.key}.png")
-            (lbl_dir / f"{item.key}.txt").write_text("\n".join(yolo_label_lines(item.masks)) + "\n")
-            n += 1
-        counts[split] = n
-    if counts["train"] == 0 or counts["val"] == 0:
-        raise ValueError(f"a YOLO dataset needs images in both splits, got {counts}")
-    data = {
-        "path": str(out.resolve()),
-        "train": "images/train",
-        "val": "images/val",
-        "names": class_names(tooth_class),
-        "channels": 3,
-    }
-    path = out / "data.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    its data.yaml. ValueError unless both splits hold images."""
+    with YoloWriter(out, names=class_names(tooth_class), epsilon=TRAIN_POLYGON_EPSILON) as writer:
+        for split, items in (("train", train), ("val", val)):
+            for item in items:
+                writer.add(item, split)
+        counts = {split: writer.counts.get(split, 0) for split in ("train", "val")}
+        if not all(counts.values()):
+            raise ValueError(f"a YOLO dataset needs images in both splits, got {counts}")
+    return writer.out / "data.yaml"

@@ -27,9 +27,9 @@ from typing import Sequence
 import numpy as np
 
 from backend.detector import Detector
-from backend.images import XrayImage, pixel_hash
+from backend.images import XrayImage
 from backend.pipeline import Pipeline, PipelineOptions
-from training.dataset import LabeledImage
+from training.data.dataset_io import DatasetItem
 from training.metrics import IA_IOU_THRESHOLD, Scores, dice, iou, mean_scores, score_image
 
 GATE_ALPHA = 0.05
@@ -53,12 +53,12 @@ class Evaluation:
     per_tooth: tuple[float, ...]
 
 
-def evaluate_pipeline(pipeline: Pipeline, images: Sequence[LabeledImage], nsd: str = "sts") -> Evaluation:
+def evaluate_pipeline(pipeline: Pipeline, images: Sequence[DatasetItem], nsd: str = "sts") -> Evaluation:
     """`pipeline` on `images` (their masks are the ground truth)."""
     scores, per_tooth = [], []
     identified = predicted = teeth = 0
     for item in images:
-        image = XrayImage(item.pixels, pixel_hash(item.pixels), item.key)
+        image = XrayImage.of(item.pixels(), item.name)
         pred = {inst.label: inst.mask for inst in pipeline.run(image)}
         scores.append(score_image(pred, item.masks, nsd=nsd))
         gt = {label: mask for label, mask in item.masks.items() if mask.any()}
@@ -72,12 +72,12 @@ def evaluate_pipeline(pipeline: Pipeline, images: Sequence[LabeledImage], nsd: s
     return Evaluation(mean_scores(scores), len(images), teeth, identified, predicted - identified, tuple(per_tooth))
 
 
-def score_pipeline(pipeline: Pipeline, images: Sequence[LabeledImage], nsd: str = "sts") -> Scores:
+def score_pipeline(pipeline: Pipeline, images: Sequence[DatasetItem], nsd: str = "sts") -> Scores:
     """Mean STS scores of `pipeline` over `images` (their masks are the ground truth)."""
     return evaluate_pipeline(pipeline, images, nsd).scores
 
 
-def evaluate_weights(weights: Path, images: Sequence[LabeledImage], options: PipelineOptions | None = None,
+def evaluate_weights(weights: Path, images: Sequence[DatasetItem], options: PipelineOptions | None = None,
                      device: str = "cpu") -> Evaluation:
     """Load weights as the backend does and evaluate detector + numbering with `options` (no SAM)."""
     pipeline = Pipeline(Detector.load(weights, device=device), None, options or PipelineOptions(use_sam=False))

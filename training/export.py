@@ -16,7 +16,8 @@ import httpx
 
 from backend.formats import result_image_size, result_to_masks
 from backend.images import ImageError, ImageLoader, task_image_url
-from training.dataset import LabeledImage
+from backend.retrain_queue import annotation_key
+from training.data.dataset_io import DatasetItem
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,13 @@ def annotated_tasks(export: Iterable[Mapping[str, Any]]) -> tuple[list[Annotated
     return annotated, unlabeled
 
 
+def export_annotation_keys(export: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The `annotation_key` of every annotation in an export (chosen or not, cancelled or not): what
+    a retrain on it covers of the webhook events (`backend.webhooks` records the same key)."""
+    return [annotation_key(a.get("id"), a.get("updated_at") or a.get("created_at"))
+            for task in export for a in task.get("annotations") or []]
+
+
 def export_project(base_url: str, api_key: str, project: int | str, timeout: float = 120.0) -> list[dict]:
     """The project's full JSON export (all tasks, annotations included) through label-studio-sdk."""
     from label_studio_sdk import LabelStudio
@@ -81,7 +89,7 @@ def export_project(base_url: str, api_key: str, project: int | str, timeout: flo
 
 
 def load_labeled_images(tasks: Iterable[AnnotatedTask], loader: ImageLoader, value_key: str,
-                        on_progress: Callable[[int], None] | None = None) -> tuple[list[LabeledImage], list[str]]:
+                        on_progress: Callable[[int], None] | None = None) -> tuple[list[DatasetItem], list[str]]:
     """Download each task's image and decode its regions -> (labeled images, skip reasons).
 
     A task is skipped (with a reason) when its image cannot be loaded, or its regions were drawn
@@ -99,7 +107,7 @@ def load_labeled_images(tasks: Iterable[AnnotatedTask], loader: ImageLoader, val
             skipped.append(f"task {task.task_id}: {exc}")
             logger.warning("skipping task %s: %s", task.task_id, exc)
             continue
-        images.append(LabeledImage(key=f"task_{task.task_id}", pixels=image.pixels, masks=masks))
+        images.append(DatasetItem(f"task_{task.task_id}", image.pixels, masks, f"task {task.task_id}"))
         if on_progress:
             on_progress(i + 1)
     return images, skipped

@@ -16,7 +16,6 @@ Progress is written to the rq job's meta (`stage`, `progress`, `detail`, the bud
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,13 +29,14 @@ from backend.images import ImageError, ImageLoader
 from backend.pipeline import PipelineOptions
 from backend.preprocess import pixel_statistics
 from backend.registry import ModelVersion, Registry, project_key
-from backend.retrain_queue import RetrainQueue, annotation_key
+from backend.retrain_queue import RetrainQueue
 from backend.process import lower_priority
 from backend.settings import Settings
-from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
+from training.data.dataset_io import DatasetItem
+from training.dataset import split_train_val, write_yolo_dataset
 from training.evaluate import Evaluation, GateDecision, evaluate_weights, gate
-from training.export import AnnotatedTask, ExportError, annotated_tasks, export_project, load_labeled_images, \
-    manifest_for
+from training.export import AnnotatedTask, ExportError, annotated_tasks, export_annotation_keys, export_project, \
+    load_labeled_images, manifest_for
 from training.ops.ls_status import LabelStudioStatus
 from backend.registry import promote, reject, store_version, utc_now
 from training.refiner_training import RefinerResult, reserve_seconds, train_refiner
@@ -98,7 +98,7 @@ def _label_config(settings: Settings, project: str) -> str:
 
 
 def pseudo_labels(settings: Settings, current_weights: Path, unlabeled: list[dict], value_key: str,
-                  loader: ImageLoader, report: Progress) -> tuple[list[LabeledImage], list[dict]]:
+                  loader: ImageLoader, report: Progress) -> tuple[list[DatasetItem], list[dict]]:
     """The paper's semi-supervised step: confident predictions of the current model on unannotated
     tasks become training images."""
     from backend.detector import Detector
@@ -118,7 +118,8 @@ def pseudo_labels(settings: Settings, current_weights: Path, unlabeled: list[dic
         instances = pipeline.run(image)
         score = sum(x.score for x in instances) / len(instances) if instances else 0.0
         if instances and score >= settings.pseudo_label_threshold:
-            images.append(LabeledImage(f"pseudo_{task['id']}", image.pixels, {x.label: x.mask for x in instances}))
+            images.append(DatasetItem(f"pseudo_{task['id']}", image.pixels, {x.label: x.mask for x in instances},
+                                      f"task {task['id']} (pseudo-labels)"))
             records.append({"task_id": int(task["id"]), "score": round(score, 4), "teeth": len(instances)})
         report("pseudo-labels", f"{len(records)} of {i + 1} unannotated tasks kept", (i + 1) / len(unlabeled))
     return images, records
@@ -141,8 +142,8 @@ class Dataset:
 
     train_tasks: list[AnnotatedTask]
     val_tasks: list[AnnotatedTask]
-    train_images: list[LabeledImage]
-    val_images: list[LabeledImage]
+    train_images: list[DatasetItem]
+    val_images: list[DatasetItem]
     skipped: list[str]
     data_yaml: Path
     mean: float
@@ -157,9 +158,8 @@ def export_step(project: str, settings: Settings, report: Progress,
     export = export_project(settings.label_studio_url, settings.label_studio_api_key, project)
     target = find_target(_label_config(settings, project))
     annotated, unlabeled = annotated_tasks(export)
-    if covered is not None:  # every annotation in the export, chosen or not, cancelled or not
-        covered(annotation_key(a.get("id"), a.get("updated_at") or a.get("created_at"))
-                for task in export for a in task.get("annotations") or [])
+    if covered is not None:
+        covered(export_annotation_keys(export))
     report("export", f"{len(annotated)} annotated tasks, {len(unlabeled)} without annotation")
     return Exported(target, annotated, unlabeled)
 
@@ -173,7 +173,7 @@ def dataset_step(settings: Settings, exported: Exported, work: Path, current: Mo
     images, skipped = load_labeled_images(
         annotated, loader, exported.target.value_key,
         on_progress=lambda n: report("download", f"{n} of {len(annotated)} images", n / len(annotated)))
-    by_key = {img.key: img for img in images}
+    by_key = {img.name: img for img in images}
     train_set, val_set = set(train_ids), set(val_ids)
     train_tasks = [t for t in annotated if t.task_id in train_set and f"task_{t.task_id}" in by_key]
     val_tasks = [t for t in annotated if t.task_id in val_set and f"task_{t.task_id}" in by_key]
@@ -190,7 +190,7 @@ def dataset_step(settings: Settings, exported: Exported, work: Path, current: Mo
     shutil.rmtree(work, ignore_errors=True)
     report("dataset", f"{len(train_images)} train / {len(val_images)} val images -> {work}")
     data_yaml = write_yolo_dataset(train_images, val_images, work / "dataset", tooth_class=config.tooth_class)
-    mean, std = pixel_statistics([img.pixels for img in train_images])
+    mean, std = pixel_statistics([img.pixels() for img in train_images])
     return Dataset(train_tasks, val_tasks, train_images, val_images, skipped, data_yaml, mean, std, pseudo_records)
 
 
@@ -287,7 +287,7 @@ def store_step(registry: Registry, project: str, job_id: str, result: TrainResul
 
 def train_config(settings: Settings) -> TrainConfig:
     """The product's training configuration: TRAIN_* variables, on DEVICE unless TRAIN_DEVICE is set."""
-    return TrainConfig.from_env(**({} if os.environ.get("TRAIN_DEVICE") else {"device": settings.device}))
+    return TrainConfig.from_env(defaults={"device": settings.device})
 
 
 def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConfig | None = None,

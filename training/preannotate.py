@@ -8,9 +8,11 @@ the model predicts the unlabeled pool, SAM refines, the oracle verifies).
 - Replacement: when a task gets the new version's prediction, its predictions from older
   toothseg versions are deleted, so Label Studio shows one current pre-annotation per task.
 - Fairness: the pass runs on its own queue (PREANNOTATE_QUEUE, listed after the training queue
-  by `rq worker`, so a queued retrain goes first), in chunks of PREANNOTATE_CHUNK tasks (each
-  chunk a job that enqueues the next), at nice level WORKER_NICE, so the backend's interactive
-  requests keep the CPU when both run (see backend.process.lower_priority).
+  by `rq worker`, so a queued retrain goes first), in chunks of PREANNOTATE_CHUNK tasks, at nice
+  level WORKER_NICE, so the backend's interactive requests keep the CPU when both run (see
+  backend.process.lower_priority). After a chunk the job goes on with the next one, with the
+  models it has loaded, while no other job waits on either queue; otherwise it queues the next
+  chunk as a new job behind the waiting ones and ends.
 - A newer promotion supersedes a running pass: it stops at its next task and the new version's
   pass takes over. SAM embeddings come from the shared disk cache (EMBEDDING_CACHE_DIR), so after
   a retrain a pass costs the detector and prompt decoding only.
@@ -100,16 +102,17 @@ def _failed_key(project: str, version: str) -> str:
 
 
 def run_chunk(project: str, version: str, settings: Settings, limit: int, report=None,
-              conn: redis.Redis | None = None) -> dict[str, Any]:
-    """Pre-annotate up to `limit` tasks; returns counts and whether work remains. Tasks whose image
-    cannot be loaded are remembered (in Redis, per version) and not retried by later chunks."""
+              conn: redis.Redis | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Pre-annotate up to `limit` tasks with `runtime`'s models (a new Runtime when None); returns
+    counts and whether work remains. Tasks whose image cannot be loaded are remembered (in Redis,
+    per version) and not retried by later chunks."""
     registry = Registry(settings.model_dir)
     client = _client(settings)
     target = find_target(client.projects.get(id=int(project)).label_config)
     own = {v.version for v in registry.versions(project)}
     failed_ids = {int(x) for x in conn.smembers(_failed_key(project, version))} if conn else set()
     todo, stale, leftovers = plan(client, project, version, own, failed_ids)
-    runtime = Runtime(settings)
+    runtime = runtime or Runtime(settings)
     served = runtime.serve(project)
     if served.version != version:
         return {"status": "superseded", "by": served.version, "remaining": len(todo)}
@@ -146,8 +149,15 @@ def run_chunk(project: str, version: str, settings: Settings, limit: int, report
             "failed": failed, "remaining": max(remaining, 0), "tasks_per_minute": round(rate, 2)}
 
 
+def others_waiting(conn: redis.Redis, settings: Settings) -> bool:
+    """Whether a job waits on the training or the pre-annotation queue (a retrain, another
+    project's pass): the running pass then yields after its chunk."""
+    return any(Queue(name, connection=conn).count for name in (settings.train_queue, settings.preannotate_queue))
+
+
 def preannotate(project: str, version: str) -> dict[str, Any]:
-    """rq entry point: one chunk of the pass, then the next chunk is queued if tasks remain."""
+    """rq entry point: chunks of the pass while no other job waits, then the next chunk is queued
+    if tasks remain."""
     settings = Settings.from_env()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -164,11 +174,14 @@ def preannotate(project: str, version: str) -> dict[str, Any]:
                             detail=f"{done}/{chunk} tasks of this chunk, {total - done} left")
             job.save_meta()
 
-    summary = run_chunk(project, version, settings, settings.preannotate_chunk, report,
-                        job.connection if job is not None else None)
-    logger.info("project %s: pre-annotation chunk with %s: %s", project, version, summary)
+    conn = job.connection if job is not None else None
+    runtime = Runtime(settings)  # SAM and the detector load once for all the chunks of this job
+    while True:
+        summary = run_chunk(project, version, settings, settings.preannotate_chunk, report, conn, runtime)
+        logger.info("project %s: pre-annotation chunk with %s: %s", project, version, summary)
+        if summary["status"] != "continue" or conn is None or others_waiting(conn, settings):
+            break
     if job is not None:
-        conn = job.connection
         mine = (conn.get(_chain_key(project)) or b"").decode() == f"{version} {job.id}"
         if mine:
             conn.delete(_chain_key(project))

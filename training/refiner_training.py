@@ -61,7 +61,7 @@ def reserve_seconds(steps: int, train_images: int, device: str) -> float:
 
 def training_pairs(detector, images: Sequence) -> list[tuple]:
     """(candidates, candidate index, pixels, annotated mask) for every matched tooth of `images`
-    (LabeledImage: pixels and {label: mask})."""
+    (`DatasetItem`s: pixels and {label: mask})."""
     from scipy.optimize import linear_sum_assignment
     from torchvision.ops import box_iou
 
@@ -70,13 +70,14 @@ def training_pairs(detector, images: Sequence) -> list[tuple]:
     pairs = []
     for item in images:
         masks = [m for m in item.masks.values() if m.any()]
-        candidates = detector.detect(item.pixels)
+        pixels = item.pixels()
+        candidates = detector.detect(pixels)
         if not masks or not len(candidates):
             continue
         gt_boxes = np.array([mask_box(m) for m in masks], dtype=np.float64)
         ious = box_iou(torch.as_tensor(candidates.boxes), torch.as_tensor(gt_boxes)).numpy()
         rows, cols = linear_sum_assignment(ious, maximize=True)
-        pairs += [(candidates, int(i), item.pixels, masks[j]) for i, j in zip(rows, cols) if ious[i, j] >= MATCH_IOU]
+        pairs += [(candidates, int(i), pixels, masks[j]) for i, j in zip(rows, cols) if ious[i, j] >= MATCH_IOU]
     return pairs
 
 

@@ -303,9 +303,7 @@ class SimProject:
                           self.settings.sam_min_iou, self.settings.sam_min_agreement)
 
     def item(self, key: str):
-        from training.dataset import LabeledImage
-
-        return LabeledImage(key, self.samples[key].image, self.samples[key].masks())
+        return self.samples[key].item(key)
 
     def teeth(self, keys: Sequence[str]) -> int:
         return sum(len(self.samples[key].polygons) for key in keys)
@@ -377,12 +375,12 @@ class SimProject:
                                                   conf=self.settings.detector_conf), self.refiner, opts))
 
     def _score(self, pipeline) -> TestResult:
-        from backend.images import XrayImage, pixel_hash
+        from backend.images import XrayImage
         from training.metrics import mean_scores, score_image
 
         scores, count = [], OracleCount()
         for item in self.test_items:
-            instances = pipeline.run(XrayImage(item.pixels, pixel_hash(item.pixels), item.key))
+            instances = pipeline.run(XrayImage.of(item.pixels(), item.name))
             scores.append(score_image({i.label: i.mask for i in instances}, item.masks))
             count = count + oracle_count(instances, item.masks)
         s, n = mean_scores(scores), len(self.test_items)
@@ -392,13 +390,13 @@ class SimProject:
               ) -> tuple[list[str], OracleCount]:
         """Pre-annotate `pool` with the project's model, pick this round's images by `strategy` and
         count the oracle's corrections of their pre-annotations."""
-        from backend.images import XrayImage, pixel_hash
+        from backend.images import XrayImage
 
         pipeline = self.pipeline(project)
         predictions = {}
         for key in pool:
             pixels = self.samples[key].image
-            predictions[key] = pipeline.run(XrayImage(pixels, pixel_hash(pixels), key)) if pipeline else []
+            predictions[key] = pipeline.run(XrayImage.of(pixels, key)) if pipeline else []
         scores = {k: image_score(v) for k, v in predictions.items()}
         picked = order_pool(scores, strategy, rng)[:self.config.per_round]
         count = OracleCount()

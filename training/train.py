@@ -83,12 +83,14 @@ class TrainConfig:
     refiner_warm_steps: int = 100
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "TrainConfig":
+    def from_env(cls, env: dict[str, str] | None = None, defaults: dict | None = None,
+                 **overrides) -> "TrainConfig":
         """The preset named by TRAIN_PRESET (or `overrides["preset"]`; default "small"), then
-        TRAIN_<FIELD> environment variables (e.g. TRAIN_STEPS=800), then `overrides`."""
+        `defaults` (e.g. the serving DEVICE), then TRAIN_<FIELD> environment variables (e.g.
+        TRAIN_STEPS=800), then `overrides`."""
         env = os.environ if env is None else env
         name = overrides.get("preset") or env.get("TRAIN_PRESET") or "small"
-        base = preset(name)
+        base = replace(preset(name), **(defaults or {}))
         values = {}
         for f in fields(cls):
             raw = env.get(f"TRAIN_{f.name.upper()}")
@@ -184,7 +186,7 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
                 val_items: Sequence = (), val_options=None,
                 deadline: float | None = None, train_images: int | None = None) -> TrainResult:
     """Train on `data_yaml`; the run's files go to `run_dir`. `warm_start`: weights to start from.
-    `on_epoch(epoch, epochs, metrics)` is called after each epoch. `val_items` (LabeledImage):
+    `on_epoch(epoch, epochs, metrics)` is called after each epoch. `val_items` (`DatasetItem`s):
     score epochs with the STS metrics through the pipeline with `val_options` (a PipelineOptions;
     default: the pipeline's defaults without SAM), else ultralytics' mAP. `deadline` (time.monotonic
     seconds): end training by then (default: `config.time_budget` minutes from now).

@@ -27,7 +27,7 @@ import hashlib
 import logging
 import mimetypes
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 from training.ops import CLIError
@@ -217,7 +217,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.title and not args.new:
         raise CLIError("--title names a project created with --new")
     settings, client = _connect()
-    reader = read_dataset(args.src, args.format)
+    reader = read_dataset(args.src, args.format, settings.max_image_pixels)
     try:
         if args.new:
             title = args.title or f"toothseg import {Path(args.src).resolve().name}"
@@ -277,7 +277,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from backend.formats import find_target
     from backend.images import ImageLoader
     from training.dataset import split_train_val
-    from training.data.dataset_io import DatasetItem, open_writer
+    from training.data.dataset_io import open_writer
     from training.export import ExportError, annotated_tasks, export_project, load_labeled_images
 
     if not 0.0 <= args.val_fraction < 1.0:
@@ -304,7 +304,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 _report(reason)
             for image in images:
                 split = ("val" if task.task_id in val else "train") if args.val_fraction > 0 else ""
-                writer.add(DatasetItem(names[task.task_id], image.pixels, image.masks, f"task {task.task_id}"), split)
+                writer.add(replace(image, name=names[task.task_id]), split)
     written = ", ".join(f"{n} {split}" for split, n in sorted(writer.counts.items()) if split) or \
         str(writer.counts.get("", 0))
     print(f"exported project {args.project} to {args.out} as {args.format}: {written} images; "
@@ -345,7 +345,7 @@ def _pipeline(args: argparse.Namespace, settings: Settings) -> tuple[Pipeline, s
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from backend.images import ImageError, XrayImage, decode_image, pixel_hash
+    from backend.images import ImageError, XrayImage, decode_image
     from backend.settings import Settings
     from training.data.dataset_io import IMAGE_SUFFIXES, DatasetItem, open_writer
 
@@ -367,7 +367,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for path in _progress(images, len(images), "predict"):
             try:
                 pixels = decode_image(path.read_bytes(), settings.max_image_pixels, source=path.name)
-                instances = pipeline.run(XrayImage(pixels, pixel_hash(pixels), str(path)))
+                instances = pipeline.run(XrayImage.of(pixels, str(path)))
                 writer.add(DatasetItem(path.stem, path, {i.label: i.mask for i in instances}, str(path)))
             except (ImageError, ValueError, OSError) as exc:
                 failed.append(f"{path}: {exc}")

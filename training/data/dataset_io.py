@@ -16,8 +16,9 @@ at the image's size. Formats (`read_dataset(src, fmt)`, `open_writer(fmt, out)`)
   FDI class order (`backend.fdi.FDI_LABELS`: 11 ... 48, 51 ... 85) keeps the pixel.
 - `yolo`: ultralytics YOLO-seg (`images/[<split>/]<name>.<ext>`, `labels/[<split>/]<name>.txt`
   with "<class> x1 y1 x2 y2 ..." normalised to [0, 1], `data.yaml` whose `names` map class
-  indices to FDI labels in any order). Written with `training.dataset.yolo_label_lines` (one
-  unsimplified polygon per tooth, parts merged) and all 52 FDI classes in class order.
+  indices to FDI labels in any order). Written by `YoloWriter` (`yolo_label_lines`: one polygon
+  per tooth, parts merged; exact outlines and all 52 FDI classes in class order unless told
+  otherwise, as `training.dataset.write_yolo_dataset` does for the detector's training).
 - `coco`: COCO instance segmentation (`annotations.json`: `images`, `annotations` with polygon
   `segmentation`, `categories` named by FDI label; images in `images/`). RLE segmentations are
   read through pycocotools when it is installed, else that image fails with the reason.
@@ -26,7 +27,7 @@ Polygon formats (labelme, yolo, coco) store outlines: a hole inside a tooth mask
 filled. Coordinate frames: Labelme points are pixel-centre (col, row) coordinates
 (`training.data.labelme`); YOLO and COCO coordinates are continuous image coordinates whose pixel
 (col, row) covers [col, col + 1) x [row, row + 1), so a pixel centre is at (col + 0.5, row + 0.5)
-(normalised by W and H for YOLO), the convention of `training.dataset`.
+(normalised by W and H for YOLO).
 
 Readers never stop at a bad file: iterating a `DatasetReader` yields a `DatasetItem` per good
 file and an `ItemError` (the file and a one-line reason) per bad one. Only a dataset-level
@@ -48,12 +49,13 @@ import numpy as np
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from ultralytics.data.converter import merge_multi_segment
+
 from backend import fdi
 from backend.formats import fdi_of_value, mask_to_polygons, polygons_to_mask
 from backend.images import ImageError, decode_image
 from backend.instance import mask_box
-from backend.settings import Settings
-from training.dataset import yolo_label_lines
+from backend.settings import DEFAULT_MAX_IMAGE_PIXELS
 from training.data.labelme import labelme_to_masks, polygons_to_labelme, write_labelme
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -72,8 +74,10 @@ class DatasetError(ValueError):
 
 @dataclass
 class DatasetItem:
-    """One image and its teeth. `image`: (H, W) uint8 grey, or the path of an image file;
-    `masks`: {FDI label: (H, W) bool mask} at the image's size; `source`: the file it was read from."""
+    """One image and its teeth, the record of every dataset in toothseg (files read and written
+    here, a retrain's exported tasks, synthetic X-rays). `name`: its file stem (unique in a
+    dataset); `image`: (H, W) uint8 grey, or the path of an image file; `masks`: {FDI label:
+    (H, W) bool mask} at the image's size; `source`: where it came from (a file, a task)."""
 
     name: str
     image: np.ndarray | Path
@@ -87,10 +91,11 @@ class DatasetItem:
             return image_size(self.image)
         return int(self.image.shape[0]), int(self.image.shape[1])
 
-    def pixels(self) -> np.ndarray:
-        """The image as (H, W) uint8 grey (decoded by `backend.images.decode_image` for a path)."""
+    def pixels(self, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+        """The image as (H, W) uint8 grey (a path is decoded by `backend.images.decode_image`,
+        refusing more than `max_pixels` pixels)."""
         if isinstance(self.image, Path):
-            return decode_image(self.image.read_bytes(), _max_pixels(), source=self.image.name)
+            return decode_image(self.image.read_bytes(), max_pixels, source=self.image.name)
         return self.image
 
     def image_file(self) -> tuple[str, bytes]:
@@ -155,11 +160,6 @@ def image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def _max_pixels() -> int:
-    """MAX_IMAGE_PIXELS, the backend's decompression-bomb guard."""
-    return Settings.from_env().max_image_pixels
-
-
 def _png(pixels: np.ndarray) -> bytes:
     ok, data = cv2.imencode(".png", pixels)
     if not ok:
@@ -194,7 +194,7 @@ def _ordered(masks: Mapping[str, np.ndarray]) -> list[str]:
 
 # --- labelme -------------------------------------------------------------------------------
 
-def _labelme_item(path: Path) -> DatasetItem:
+def _labelme_item(path: Path, max_pixels: int) -> DatasetItem:
     try:
         doc = json.loads(path.read_text())
     except UnicodeDecodeError:
@@ -211,7 +211,7 @@ def _labelme_item(path: Path) -> DatasetItem:
             data = base64.b64decode(doc["imageData"], validate=True)
         except (ValueError, TypeError):
             raise DatasetError("imageData is not base64") from None
-        image = decode_image(data, _max_pixels(), source="imageData")
+        image = decode_image(data, max_pixels, source="imageData")
         actual = image.shape[:2]
     else:
         image = _labelme_image_path(path, doc.get("imagePath"))
@@ -238,11 +238,11 @@ def _labelme_image_path(path: Path, image_path: Any) -> Path:
     return found
 
 
-def _read_labelme(root: Path) -> list[tuple[str, Callable[[], DatasetItem]]]:
+def _read_labelme(root: Path, max_pixels: int) -> list[tuple[str, Callable[[], DatasetItem]]]:
     files = sorted(root.glob("*.json"))
     if not files:
         raise DatasetError(f"{root}: no Labelme .json files")
-    return [(str(p), lambda p=p: _labelme_item(p)) for p in files]
+    return [(str(p), lambda p=p: _labelme_item(p, max_pixels)) for p in files]
 
 
 # --- masks ---------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def _masks_item(root: Path, stem: str, label_map: dict[int, str] | None) -> Data
     return DatasetItem(stem, image, masks, str(image))
 
 
-def _read_masks(root: Path) -> list[tuple[str, Callable[[], DatasetItem]]]:
+def _read_masks(root: Path, max_pixels: int) -> list[tuple[str, Callable[[], DatasetItem]]]:
     label_map = read_label_map(root / LABEL_MAP)
     images = {p.stem: p for p in _image_files(root / "images")} if (root / "images").is_dir() else {}
     masks = {p.stem: p for p in (root / "masks").glob("*.png")} if (root / "masks").is_dir() else {}
@@ -369,7 +369,7 @@ def _yolo_item(image: Path, label_path: Path, names: dict[int, str | None]) -> D
     return DatasetItem(image.stem, image, masks, str(label_path if label_path.exists() else image))
 
 
-def _read_yolo(root: Path) -> list[tuple[str, Callable[[], DatasetItem]]]:
+def _read_yolo(root: Path, max_pixels: int) -> list[tuple[str, Callable[[], DatasetItem]]]:
     names = read_yolo_names(root / DATA_YAML)
     image_dir, label_dir = root / "images", root / "labels"
     images = _image_files(image_dir, recursive=True) if image_dir.is_dir() else []
@@ -463,7 +463,7 @@ def _coco_item(record: Mapping[str, Any], annotations: list[Mapping[str, Any]], 
     return DatasetItem(Path(file_name).stem, image, masks, str(image))
 
 
-def _read_coco(src: Path) -> list[tuple[str, Callable[[], DatasetItem]]]:
+def _read_coco(src: Path, max_pixels: int) -> list[tuple[str, Callable[[], DatasetItem]]]:
     path = _coco_json(src)
     try:
         doc = json.loads(path.read_text())
@@ -493,13 +493,15 @@ def _read_coco(src: Path) -> list[tuple[str, Callable[[], DatasetItem]]]:
 
 # --- reading -------------------------------------------------------------------------------
 
-READERS: dict[str, Callable[[Path], list[tuple[str, Callable[[], DatasetItem]]]]] = {
+READERS: dict[str, Callable[[Path, int], list[tuple[str, Callable[[], DatasetItem]]]]] = {
     "labelme": _read_labelme, "masks": _read_masks, "yolo": _read_yolo, "coco": _read_coco,
 }
 
 
-def read_dataset(src: str | Path, fmt: str) -> DatasetReader:
-    """Open the dataset at `src` (a folder; for coco also the JSON file) in format `fmt`.
+def read_dataset(src: str | Path, fmt: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DatasetReader:
+    """Open the dataset at `src` (a folder; for coco also the JSON file) in format `fmt`. An image
+    embedded in a file (Labelme's imageData) with more than `max_pixels` pixels is refused
+    (MAX_IMAGE_PIXELS; images in their own files are decoded by whoever reads their pixels).
 
     Raises DatasetError for a dataset-level problem (no files, unreadable data.yaml, label map or
     COCO JSON); problems of single files come out of the iteration as ItemError."""
@@ -510,7 +512,7 @@ def read_dataset(src: str | Path, fmt: str) -> DatasetReader:
         raise DatasetError(f"{root}: no such file or folder")
     if not root.is_dir() and fmt != "coco":
         raise DatasetError(f"{root}: not a folder")
-    return DatasetReader(fmt, root, READERS[fmt](root))
+    return DatasetReader(fmt, root, READERS[fmt](root, max_pixels))
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -599,25 +601,60 @@ class MasksWriter(DatasetWriter):
             (self.out / split / LABEL_MAP).write_text(json.dumps(identity, indent=1) + "\n")
 
 
+def mask_polygon(mask: np.ndarray, epsilon: float = 0.0) -> np.ndarray | None:
+    """One (N, 2) pixel polygon for a tooth mask (parts joined at their closest points by
+    ultralytics' `merge_multi_segment`, as its COCO converter does), or None if the mask is empty.
+    `epsilon`: Douglas-Peucker tolerance in pixels (0: the exact outline)."""
+    parts = mask_to_polygons(mask, epsilon=epsilon)
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    parts.sort(key=lambda p: p[:, 0].min())  # left to right, so the bridges stay short
+    return np.concatenate(merge_multi_segment([p.reshape(-1).tolist() for p in parts]), axis=0)
+
+
+def yolo_label_lines(masks: Mapping[str, np.ndarray], epsilon: float = 0.0) -> list[str]:
+    """{FDI label: (H, W) mask} -> YOLO-seg label lines "<class> x1 y1 ..." (class: index in
+    `backend.fdi.FDI_LABELS`; the `mask_polygon`, normalised to [0, 1]), in class order."""
+    lines = []
+    for label in _ordered(masks):
+        mask = masks[label]
+        h, w = mask.shape
+        poly = mask_polygon(mask, epsilon)
+        if poly is None:
+            continue
+        norm = np.clip((poly + 0.5) / np.array([w, h]), 0.0, 1.0)
+        coords = " ".join(f"{v:.6f}" for v in norm.reshape(-1))
+        lines.append(f"{fdi.CLASS_INDEX[label]} {coords}")
+    return lines
+
+
 class YoloWriter(DatasetWriter):
     """images/[<split>/]<name>.png, labels/[<split>/]<name>.txt (`yolo_label_lines`) and data.yaml
-    naming the 52 FDI classes (train and val point to the splits, or both to images/)."""
+    (train and val point to the splits, or both to images/). `names`: data.yaml's classes
+    {index: name}, by default the 52 FDI labels in class order; `epsilon`: the polygons'
+    simplification in pixels (0, the default: exact outlines)."""
 
     fmt = "yolo"
+
+    def __init__(self, out: str | Path, names: Mapping[int, str] | None = None, epsilon: float = 0.0):
+        super().__init__(out)
+        self.names = dict(names if names is not None else enumerate(fdi.FDI_LABELS))
+        self.epsilon = epsilon
 
     def _write(self, item: DatasetItem, split: str) -> None:
         self._write_image(item, self.out / "images" / split)
         labels = self.out / "labels" / split
         labels.mkdir(parents=True, exist_ok=True)
-        lines = yolo_label_lines(item.masks, epsilon=0.0)  # exact outlines, not simplified
+        lines = yolo_label_lines(item.masks, epsilon=self.epsilon)
         (labels / f"{item.name}.txt").write_text("\n".join(lines) + "\n" if lines else "")
 
     def close(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         split = "train" in self.counts or "val" in self.counts
         data = {"path": str(self.out.resolve()), "train": "images/train" if split else "images",
-                "val": "images/val" if split else "images",
-                "names": dict(enumerate(fdi.FDI_LABELS)), "channels": 3}
+                "val": "images/val" if split else "images", "names": self.names, "channels": 3}
         (self.out / DATA_YAML).write_text(yaml.safe_dump(data, sort_keys=False))
 
 

@@ -55,6 +55,7 @@ from backend import fdi
 from backend.fdi import ToothType
 from backend.formats import find_target, mask_to_regions, polygons_to_mask
 from backend.label_config import render_label_config
+from training.data.dataset_io import DatasetItem
 from training.data.labelme import polygons_to_labelme, write_labelme
 
 REF_W, REF_H = 1024.0, 512.0
@@ -110,6 +111,10 @@ class SynthSample:
         """FDI label -> (H, W) bool ground-truth mask (`polygons_to_mask` of its polygons)."""
         height, width = self.image.shape
         return {label: polygons_to_mask(polys, height, width) for label, polys in self.polygons.items()}
+
+    def item(self, name: str) -> DatasetItem:
+        """The sample as a dataset record named `name`: its image and ground-truth masks."""
+        return DatasetItem(name, self.image, self.masks(), source="synthetic")
 
 
 # --- arches --------------------------------------------------------------------------------
@@ -696,14 +701,13 @@ def train_synthetic_detector(work: Path, n: int = 24, seed: int = 1000, size: tu
     imgsz 320, 1000 steps without a time budget (the same model on any machine), unless
     `train_overrides` say otherwise."""
     from backend.preprocess import pixel_statistics
-    from training.dataset import LabeledImage, split_train_val, write_yolo_dataset
+    from training.dataset import split_train_val, write_yolo_dataset
     from training.train import TrainConfig, train_model
 
-    items = [LabeledImage(f"s{i}", s.image, s.masks()) for i, s in
-             enumerate(generate(seed + i, size) for i in range(n))]
-    train, val = split_train_val([it.key for it in items], 0.15)
+    items = [generate(seed + i, size).item(f"s{i}") for i in range(n)]
+    train, val = split_train_val([it.name for it in items], 0.15)
     config = TrainConfig(**{**dict(imgsz=320, steps=1000, time_budget=0.0), **train_overrides})
-    train_items, val_items = [it for it in items if it.key in train], [it for it in items if it.key in val]
+    train_items, val_items = [it for it in items if it.name in train], [it for it in items if it.name in val]
     data = write_yolo_dataset(train_items, val_items, Path(work) / "dataset", tooth_class=config.tooth_class)
-    mean, std = pixel_statistics([it.pixels for it in train_items])
+    mean, std = pixel_statistics([it.pixels() for it in train_items])
     return train_model(data, Path(work) / "run", config, mean, std, val_items=val_items).weights
