@@ -61,7 +61,7 @@ def detector_weights(args) -> Path:
         return Path(args.weights)
     cache = REPO / "bench" / ".cache"
     cache.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1((REPO / "training" / "synth.py").read_bytes()).hexdigest()[:12]
+    key = hashlib.sha1((REPO / "training" / "data" / "synth.py").read_bytes()).hexdigest()[:12]
     path = cache / f"synthetic-detector-{key}.pt"
     if not path.exists():
         print("training a detector on synthetic X-rays (about 5 minutes)...", flush=True)

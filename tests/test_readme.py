@@ -1,4 +1,6 @@
-"""README stays true: the two commands, and every setting in the configuration tables."""
+"""README stays true: the two commands, every setting in the configuration tables, and every
+command-line option in the command table."""
+import argparse
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,6 +17,24 @@ def test_the_two_commands():
     assert "docker compose up" in README
     assert "scripts/test" in README
     assert (REPO / ".ci" / "run").read_text().strip().endswith("exec scripts/test")
+
+
+def test_the_command_table_covers_every_option():
+    """Each `toothseg` command has a row in README's command table naming each of its options."""
+    from training.ops.cli import build_parser
+
+    section = README.split("### Command line", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("`")[1].split()[1]: line for line in section.splitlines() if line.startswith("| `toothseg ")}
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [name for name in commands if name not in rows]
+    for name, command in commands.items():
+        for action in command._actions:
+            options = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+            if options and name in rows and not any(o in rows[name] for o in options):
+                missing.append(f"{name} {options[0]}")
+    missing += [o for a in parser._actions for o in a.option_strings[:1] if o != "-h" and f"`toothseg {o}" not in section]
+    assert not missing, f"not in README's command table: {missing}"
 
 
 def test_every_setting_is_documented_with_its_default():
