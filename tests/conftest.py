@@ -23,7 +23,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 import backend  # noqa: E402,F401  (prepares ultralytics for offline use)
-from training.ops.stack import PROCESS_ENV  # noqa: E402
+from training.ops.stack import PROCESS_ENV, _descendants  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -264,7 +264,15 @@ def start_worker(tmp_path):
 
     yield start
     for proc in procs:
+        # a worker stopped mid-job (warm shutdown past stop's wait, then SIGKILL) would leave its work
+        # horse and scheduler running into the next test: they are found by pid and killed too
+        tree = _descendants(proc.pid)
         stop(proc)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # --- data and models ---------------------------------------------------------------------------

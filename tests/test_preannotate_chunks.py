@@ -35,6 +35,8 @@ def chunk_job(redis_url, tmp_path, monkeypatch):
         return {"status": statuses.pop(0), "predicted": limit}
 
     monkeypatch.setattr(preannotate_module, "run_chunk", fake_chunk)
+    # the job renices its process and session (WORKER_NICE); here that process is pytest's
+    monkeypatch.setattr(preannotate_module, "lower_priority", lambda nice: None)
     return conn, job, chunks, statuses
 
 

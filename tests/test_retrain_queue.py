@@ -9,6 +9,7 @@ import pytest
 import redis
 from rq import Queue
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
 
 from backend.retrain_queue import RetrainQueue, annotation_key
@@ -112,6 +113,7 @@ def test_failed_job_is_retried_then_releases_the_project(redis_url, start_worker
     assert "Label Studio is unreachable" in job.meta["error"]
     r.delete("test:fail")
     assert event(q, "3", start_training=True).status == "enqueued"  # the project is free again
+    wait_idle(q, "3", timeout=60)  # and that job ends before the worker is stopped
 
 
 @pytest.mark.scenario("An rq worker SIGKILLed in the middle of a retrain job",
@@ -124,7 +126,20 @@ def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_wor
     first = event(q, "4", start_training=True)
 
     def logs():
-        return "\n".join(f"--- {log.name}\n{log.read_text()}" for log in sorted(tmp_path.glob("worker-*.log")))
+        """The workers' logs and what rq and the process table say (for a failure's message)."""
+        import psutil
+        from rq import Worker
+
+        job = Job.fetch(first.job_id, connection=r)
+        queue = Queue(QUEUE, connection=r)
+        workers = [(w.name, w.pid, w.get_state(), w.get_current_job_id()) for w in Worker.all(queue=queue)]
+        procs = [(p.pid, p.ppid(), p.status(), " ".join(p.cmdline())[:120]) for p in psutil.process_iter()
+                 if "rq" in " ".join(p.cmdline()) or "jobs_for_tests" in " ".join(p.cmdline())]
+        state = (f"decision {first}; queue {queue.job_ids}; intermediate {r.lrange(f'{queue.key}:intermediate', 0, -1)}; "
+                 f"started {StartedJobRegistry(QUEUE, connection=r).get_job_ids()}; job {job.get_status()} on "
+                 f"{job.worker_name}; workers {workers}; processes {procs}")
+        return state + "\n" + "\n".join(f"--- {log.name}\n{log.read_text()}"
+                                        for log in sorted(tmp_path.glob("worker-*.log")))
 
     # the job is running (its work horse has recorded the run) before the worker is killed; a slow
     # machine may take a while to fork it, so wait for the event, and fail here if it never comes
@@ -152,6 +167,7 @@ def test_killed_worker_job_is_cleaned_and_the_next_one_runs(redis_url, start_wor
     assert runs(redis_url) == [f"{first.job_id}|START_TRAINING"] * 2, seen
     assert job.get_status() == "finished", seen  # its retry finished
     assert event(q, "4", start_training=True).status == "enqueued"
+    wait_idle(q, "4", timeout=60)  # that job ends before the worker is stopped
 
 
 def test_webhook_endpoint_answers_fast_and_503_without_redis(start_backend, redis_url, tmp_path):
