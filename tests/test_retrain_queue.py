@@ -79,7 +79,7 @@ def test_start_training_and_annotation_created_pair_is_one_job(redis_url, start_
     start_worker(redis_url, SLOW_JOB_SECONDS=1)
     q = queue_for(redis_url)
     assert event(q, "9", start_training=True).status == "enqueued"
-    time.sleep(0.5)  # the worker has picked it up by now
+    wait_for("the job to start", lambda: runs(redis_url), 60, 0.05)  # its snapshot is taken
     assert event(q, "9", annotation_id=55).status == "coalesced"
     wait_idle(q, "9")
     assert len(runs(redis_url)) == 1
