@@ -113,8 +113,8 @@ def test_a_real_webhook_and_the_export_give_the_same_annotation_key(label_studio
         sample = generate(5, SYNTH_SIZE)
         annotation = ls_client.annotations.create(id=task.id, result=gt_result(sample)[:2])
         ls_client.annotations.update(id=annotation.id, result=gt_result(sample)[:3])
-        wait_for("the ANNOTATION_UPDATED webhook", lambda: [p for p in received if p.get("action") == "ANNOTATION_UPDATED"],
-                 60, 0.2)
+        wait_for("the ANNOTATION_CREATED and ANNOTATION_UPDATED webhooks",
+                 lambda: {p.get("action") for p in received} >= {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}, 60, 0.2)
         settings = Settings.from_env({"REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "RETRAIN_MIN_NEW_ANNOTATIONS": "100"})
         for payload in received:
             body, status = handle_webhook(payload, settings)

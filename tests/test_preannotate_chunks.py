@@ -15,7 +15,7 @@ PREANNOTATE_QUEUE = f"{QUEUE}-preannotate"
 @pytest.fixture
 def chunk_job(redis_url, tmp_path, monkeypatch):
     """A pass's job enqueued on real Redis (not run by a worker: the test calls its function) and the
-    chunks it runs, each as (runtime id, limit)."""
+    chunks it runs, each as (runtime, limit)."""
     for name, value in {"REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "PREANNOTATE_QUEUE": PREANNOTATE_QUEUE,
                         "MODEL_DIR": str(tmp_path), "PREANNOTATE_CHUNK": "5"}.items():
         monkeypatch.setenv(name, value)
@@ -31,7 +31,7 @@ def chunk_job(redis_url, tmp_path, monkeypatch):
 
     def fake_chunk(project, version, settings, limit, report, conn_, runtime):
         assert isinstance(runtime, Runtime) and conn_ is not None
-        chunks.append((id(runtime), limit))
+        chunks.append((runtime, limit))
         return {"status": statuses.pop(0), "predicted": limit}
 
     monkeypatch.setattr(preannotate_module, "run_chunk", fake_chunk)
@@ -44,7 +44,7 @@ def test_a_pass_goes_on_with_its_models_while_nothing_waits(chunk_job):
     conn, job, chunks, statuses = chunk_job
     statuses += ["continue", "continue", "done"]
     assert preannotate_module.preannotate("3", "v1")["status"] == "done"
-    assert len(chunks) == 3 and len({runtime for runtime, _ in chunks}) == 1 and {n for _, n in chunks} == {5}
+    assert len(chunks) == 3 and all(runtime is chunks[0][0] for runtime, _ in chunks) and {n for _, n in chunks} == {5}
     assert Queue(PREANNOTATE_QUEUE, connection=conn).count == 0  # no next-chunk job: the pass is done
     assert not conn.exists("toothseg:project:3:preannotate")
 

@@ -57,12 +57,14 @@ def class_names(tooth_class: bool = True) -> dict[int, str]:
 def write_yolo_dataset(train: Iterable[DatasetItem], val: Iterable[DatasetItem], out: Path,
                        tooth_class: bool = True) -> Path:
     """Write a YOLO-seg dataset to `out` (classes: `class_names(tooth_class)`); returns the path of
-    its data.yaml. ValueError unless both splits hold images."""
+    its data.yaml. ValueError unless both splits hold images; DatasetError (a ValueError) for two
+    items of one name or masks not at their image's size. The items' images are arrays (a retrain's
+    downloads): a file would be copied as it is."""
     with YoloWriter(out, names=class_names(tooth_class), epsilon=TRAIN_POLYGON_EPSILON) as writer:
         for split, items in (("train", train), ("val", val)):
             for item in items:
                 writer.add(item, split)
-        counts = {split: writer.counts.get(split, 0) for split in ("train", "val")}
-        if not all(counts.values()):
-            raise ValueError(f"a YOLO dataset needs images in both splits, got {counts}")
+    counts = {split: writer.counts.get(split, 0) for split in ("train", "val")}
+    if not all(counts.values()):
+        raise ValueError(f"a YOLO dataset needs images in both splits, got {counts}")
     return writer.out / "data.yaml"

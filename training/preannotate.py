@@ -11,8 +11,8 @@ the model predicts the unlabeled pool, SAM refines, the oracle verifies).
   by `rq worker`, so a queued retrain goes first), in chunks of PREANNOTATE_CHUNK tasks, at nice
   level WORKER_NICE, so the backend's interactive requests keep the CPU when both run (see
   backend.process.lower_priority). After a chunk the job goes on with the next one, with the
-  models it has loaded, while no other job waits on either queue; otherwise it queues the next
-  chunk as a new job behind the waiting ones and ends.
+  models it has loaded, while no other job waits on either queue (for at most JOB_SLICE_S, 30
+  min); otherwise it queues the next chunk as a new job behind the waiting ones and ends.
 - A newer promotion supersedes a running pass: it stops at its next task and the new version's
   pass takes over. SAM embeddings come from the shared disk cache (EMBEDDING_CACHE_DIR), so after
   a retrain a pass costs the detector and prompt decoding only.
@@ -40,6 +40,9 @@ from backend.settings import Settings
 logger = logging.getLogger("toothseg.preannotate")
 
 JOB_FUNCTION = "training.preannotate.preannotate"
+JOB_SLICE_S = 1800
+"""After this many seconds a pass's job queues its next chunk as a new job even when nothing waits, so
+no job nears its rq timeout on a large pool."""
 
 
 def _chain_key(project: str) -> str:
@@ -176,10 +179,12 @@ def preannotate(project: str, version: str) -> dict[str, Any]:
 
     conn = job.connection if job is not None else None
     runtime = Runtime(settings)  # SAM and the detector load once for all the chunks of this job
+    started = time.monotonic()
     while True:
         summary = run_chunk(project, version, settings, settings.preannotate_chunk, report, conn, runtime)
         logger.info("project %s: pre-annotation chunk with %s: %s", project, version, summary)
-        if summary["status"] != "continue" or conn is None or others_waiting(conn, settings):
+        if (summary["status"] != "continue" or conn is None or others_waiting(conn, settings)
+                or time.monotonic() - started > JOB_SLICE_S):
             break
     if job is not None:
         mine = (conn.get(_chain_key(project)) or b"").decode() == f"{version} {job.id}"
