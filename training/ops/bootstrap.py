@@ -4,7 +4,8 @@
 2. find the project by title, or create it from label_studio_config.xml;
 3. add the images folder as Local Files import storage (unless already added) and sync it;
 4. connect the ML backend (unless a backend with the same URL is connected), interactive on;
-5. give the backend's webhook the WEBHOOK_SECRET header, if one is configured;
+5. make sure the project has its webhook to the backend's /webhook (Label Studio skips it for some
+   URLs), with the WEBHOOK_SECRET header if one is configured;
 6. set "start training after N annotations" (START_TRAINING webhooks).
 
 Running it again changes nothing that is already in place, so it is safe in `docker compose up`.
@@ -81,6 +82,32 @@ def wait_for_label_studio(url: str, timeout: float = 300.0) -> None:
     raise TimeoutError(f"Label Studio at {url} not up after {timeout:.0f} s ({last})")
 
 
+def ensure_webhook(client, project: int, cfg: BootstrapConfig, done: dict) -> None:
+    """The project's webhook to the backend's /webhook: annotations reach the retrain queue only through it.
+    Label Studio creates it with the ML backend, but silently skips it when its URL check (Django's
+    URLValidator) refuses the backend's address, e.g. a host name without a dot (http://backend:9090).
+    Then it is created here, and a refusal is an error rather than a project that never retrains.
+    It carries the WEBHOOK_SECRET header when one is configured."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    hook_url = cfg.backend_url.rstrip("/") + "/webhook"
+    headers = {cfg.webhook_secret_header: cfg.webhook_secret} if cfg.webhook_secret else {}
+    hook = next((h for h in client.webhooks.list(project=project) if h.url.rstrip("/") == hook_url), None)
+    if hook is None:
+        try:
+            client.webhooks.create(project=project, url=hook_url, send_payload=True, send_for_all_actions=True,
+                                   headers=headers)
+        except ApiError as exc:
+            raise RuntimeError(
+                f"Label Studio refused the webhook {hook_url} ({exc.status_code}: {exc.body}), so annotations "
+                "would never reach the retrain queue. Give BACKEND_URL a host name with a dot or an IP "
+                "address (docker-compose.yml uses http://backend.toothseg.internal:9090)") from exc
+        done["created"].append("webhook")
+    elif headers and (hook.headers or {}).get(cfg.webhook_secret_header) != cfg.webhook_secret:
+        client.webhooks.update(id=hook.id, url=hook.url, headers={**(hook.headers or {}), **headers})
+        done["created"].append("webhook_secret")
+
+
 def bootstrap(cfg: BootstrapConfig, wait: float = 300.0) -> dict:
     """Make the Label Studio side ready; returns what exists now (ids) and what was created."""
     from label_studio_sdk import LabelStudio
@@ -119,14 +146,7 @@ def bootstrap(cfg: BootstrapConfig, wait: float = 300.0) -> dict:
         done["ml_backend"] = ml.id
         done["created"].append("ml_backend")
 
-    if cfg.webhook_secret:  # the webhook Label Studio created with the ML backend must carry the secret
-        hook_url = cfg.backend_url.rstrip("/") + "/webhook"
-        for hook in client.webhooks.list(project=project.id):
-            if hook.url.rstrip("/") == hook_url and (hook.headers or {}).get(cfg.webhook_secret_header) != \
-                    cfg.webhook_secret:
-                client.webhooks.update(id=hook.id, url=hook.url,
-                                       headers={**(hook.headers or {}), cfg.webhook_secret_header: cfg.webhook_secret})
-                done["created"].append("webhook_secret")
+    ensure_webhook(client, project.id, cfg, done)
 
     client.projects.update(id=project.id, min_annotations_to_start_training=cfg.train_after,
                            show_collab_predictions=True)

@@ -189,7 +189,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     cfg = BootstrapConfig.from_env(env, _settings(), label_config)
     try:
         result = bootstrap(cfg, wait=args.wait)
-    except TimeoutError as exc:
+    except (TimeoutError, RuntimeError) as exc:
         raise CLIError(str(exc)) from None
     print(json.dumps(result) if args.json else
           f"project {result['project']} ({result['tasks']} tasks), ML backend {result['ml_backend']}; "

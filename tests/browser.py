@@ -1,0 +1,99 @@
+"""A real browser on Label Studio's editor: headless Chromium (Debian's chromium and
+chromium-driver) driven by Selenium logs in, opens a pre-annotated task, and reads what an
+annotator sees: the regions list with its tooth labels, and the masks drawn on the image."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
+CHROMEDRIVER = shutil.which("chromedriver") or next(
+    (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if Path(p).exists()), None)
+
+
+def available() -> bool:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return False
+    return CHROMIUM is not None and CHROMEDRIVER is not None
+
+
+def prediction_labels(result: list[dict]) -> list[str]:
+    return [label for item in result for label in item["value"].get("brushlabels", [])]
+
+
+def assert_editor_shows(view: "EditorView", result: list[dict]) -> None:
+    """The editor lists the prediction's regions with their tooth labels, in its order, and paints masks."""
+    expected = prediction_labels(result)
+    assert len(view.labels) >= min(5, len(expected)), view.labels
+    assert view.labels == expected[:len(view.labels)], (view.labels, expected)
+    assert view.colored_fraction > 0.01, f"no masks drawn on the image ({view.colored_fraction:.4f} coloured)"
+
+
+@dataclass
+class EditorView:
+    labels: list[str]  # the regions list's labels, in its order
+    colored_fraction: float  # share of the image canvas's pixels drawn in colour (the X-ray is grey)
+    screenshot: Path
+
+
+def open_task(base_url: str, email: str, password: str, project: int, task: int, screenshot: Path,
+              timeout: float = 120) -> EditorView:
+    """Log in, open `task` in the editor, wait until its regions are listed and drawn, and save a
+    screenshot."""
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,1000", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        wait = WebDriverWait(driver, timeout)
+        driver.get(f"{base_url}/user/login/")
+        wait.until(ec.presence_of_element_located((By.NAME, "email"))).send_keys(email)
+        driver.find_element(By.NAME, "password").send_keys(password)
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit], form input[type=submit]").click()
+        wait.until(lambda d: "/user/login" not in d.current_url)
+        driver.get(f"{base_url}/projects/{project}/data?task={task}")
+
+        def listed(d):  # the regions list renders the rows in view (a virtual list): their labels
+            texts = [e.text.strip() for e in d.find_elements(By.CSS_SELECTOR, ".lsf-outliner-item__title")]
+            return [t for t in texts if t] or False
+
+        labels = wait.until(listed)
+        canvas = max(driver.find_elements(By.TAG_NAME, "canvas"), key=lambda c: c.size["width"] * c.size["height"])
+        deadline = time.monotonic() + timeout
+        while True:  # the masks are painted after the list: wait for colour on the image canvas
+            fraction = _colored_fraction(driver, canvas)
+            if fraction > 0.01 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(screenshot))
+        return EditorView(labels=listed(driver) or labels, colored_fraction=fraction, screenshot=screenshot)
+    finally:
+        driver.quit()
+
+
+def _colored_fraction(driver, canvas) -> float:
+    import cv2
+
+    png = np.frombuffer(driver.get_screenshot_as_png(), np.uint8)
+    image = cv2.imdecode(png, cv2.IMREAD_COLOR)
+    x, y = int(canvas.location["x"]), int(canvas.location["y"])
+    w, h = int(canvas.size["width"]), int(canvas.size["height"])
+    crop = image[max(y, 0):y + h, max(x, 0):x + w]
+    if crop.size == 0:
+        return 0.0
+    hsv = cv2.cvtColor(crop, cv2.COLOR_BGR2HSV)
+    return float(((hsv[..., 1] > 60) & (hsv[..., 2] > 40)).mean())

@@ -1,0 +1,45 @@
+"""`toothseg bootstrap`'s webhook step on a real Label Studio: the project's webhook to the backend is
+what carries annotations to the retrain queue. Label Studio creates it with the ML backend but skips
+it without a word when its URL check refuses the backend's address (docker compose's
+http://backend:9090 did: the compose test found it)."""
+import pytest
+
+from training.ops.bootstrap import BootstrapConfig, ensure_webhook
+
+pytestmark = pytest.mark.e2e
+
+
+def config(label_studio: str, backend_url: str, **kw) -> BootstrapConfig:
+    return BootstrapConfig(label_studio_url=label_studio, api_key="", backend_url=backend_url, label_config="",
+                           **kw)
+
+
+def hooks(client, project: int) -> dict[str, dict]:
+    return {h.url: (h.headers or {}) for h in client.webhooks.list(project=project)}
+
+
+def test_a_missing_webhook_is_created_once_and_given_the_secret(ls_client, label_studio):
+    project = ls_client.projects.create(title="bootstrap webhook").id
+    cfg = config(label_studio, "http://127.0.0.1:9")
+    done = {"created": []}
+    ensure_webhook(ls_client, project, cfg, done)
+    assert done["created"] == ["webhook"] and hooks(ls_client, project) == {"http://127.0.0.1:9/webhook": {}}
+    ensure_webhook(ls_client, project, cfg, done)  # idempotent
+    assert done["created"] == ["webhook"] and len(hooks(ls_client, project)) == 1
+
+    secret = config(label_studio, "http://127.0.0.1:9/", webhook_secret="s3cret")
+    ensure_webhook(ls_client, project, secret, done)
+    assert done["created"] == ["webhook", "webhook_secret"]
+    assert hooks(ls_client, project) == {"http://127.0.0.1:9/webhook": {"X-Toothseg-Webhook-Secret": "s3cret"}}
+
+
+@pytest.mark.scenario("Bootstrap with a backend address Label Studio refuses for webhooks (`http://backend:9090`: "
+                      "no dot in the host name)",
+                      "the bootstrap fails with the reason and the fix instead of leaving a project whose annotations "
+                      "never retrain")
+def test_an_address_label_studio_refuses_for_webhooks_is_an_error(ls_client, label_studio):
+    project = ls_client.projects.create(title="bootstrap webhook refused").id
+    done = {"created": []}
+    with pytest.raises(RuntimeError, match="host name with a dot"):
+        ensure_webhook(ls_client, project, config(label_studio, "http://backend:9090"), done)
+    assert hooks(ls_client, project) == {} and done["created"] == []
