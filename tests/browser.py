@@ -35,18 +35,36 @@ def assert_editor_shows(view: "EditorView", result: list[dict]) -> None:
     assert view.colored_fraction > 0.01, f"no masks drawn on the image ({view.colored_fraction:.4f} coloured)"
 
 
+def assert_dental_chart(view: "EditorView") -> None:
+    """The brush labels sit like a dental chart: upper 18-11 | 21-28, the deciduous quadrants inside,
+    lower 48-41 | 31-38; hotkeys are Label Studio's usual ones and select their tooth."""
+    x = {label: place[0] for label, place in view.label_places.items()}
+    y = {label: place[1] for label, place in view.label_places.items()}
+    assert x["18"] < x["11"] < x["21"] < x["28"] and y["18"] == y["11"] == y["21"] == y["28"], view.label_places
+    assert y["11"] < y["51"] < y["81"] < y["41"], view.label_places  # upper, deciduous upper and lower, lower
+    for a, b in (("55", "15"), ("65", "25"), ("85", "45"), ("75", "35"), ("48", "18"), ("38", "28")):
+        assert x[a] == x[b], f"{a} is not in {b}'s column: {view.label_places}"
+    assert view.hotkeys["11"] == "1" and view.hotkeys["21"] == "9", view.hotkeys
+    assert view.selected_by_key == {"9": "21"}
+
+
 @dataclass
 class EditorView:
     labels: list[str]  # the regions list's labels, in its order
     colored_fraction: float  # share of the image canvas's pixels drawn in colour (the X-ray is grey)
     screenshot: Path
+    label_places: dict[str, tuple[float, float]]  # the brush labels' on-screen (x, y)
+    hotkeys: dict[str, str]  # the brush labels' hotkeys, as the editor shows them
+    selected_by_key: dict[str, str]  # key pressed -> the label it selected
 
 
 def open_task(base_url: str, email: str, password: str, project: int, task: int, screenshot: Path,
-              timeout: float = 120) -> EditorView:
-    """Log in, open `task` in the editor, wait until its regions are listed and drawn, and save a
-    screenshot."""
+              press: tuple[str, ...] = ("9",), timeout: float = 120) -> EditorView:
+    """Log in, open `task` in the editor, wait until its regions are listed and drawn, save a
+    screenshot, read where the brush labels sit and their hotkeys, then press each key of `press`
+    and note which label it selected."""
     from selenium import webdriver
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -80,7 +98,21 @@ def open_task(base_url: str, email: str, password: str, project: int, task: int,
             time.sleep(0.5)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(screenshot))
-        return EditorView(labels=listed(driver) or labels, colored_fraction=fraction, screenshot=screenshot)
+        places, hotkeys = {}, {}
+        brush_labels = driver.find_elements(By.CSS_SELECTOR, ".lsf-labels")[0]
+        for element in brush_labels.find_elements(By.CSS_SELECTOR, ".lsf-label"):
+            text = element.find_element(By.CSS_SELECTOR, ".lsf-label__text").text.strip()
+            places[text] = (element.rect["x"], element.rect["y"])
+            keys = element.find_elements(By.CSS_SELECTOR, ".lsf-label__hotkey")
+            hotkeys[text] = keys[0].text.strip() if keys else ""
+        selected = {}
+        for key in press:
+            ActionChains(driver).send_keys(key).perform()
+            wait.until(lambda d: brush_labels.find_elements(By.CSS_SELECTOR, ".lsf-label_selected"))
+            chosen = brush_labels.find_element(By.CSS_SELECTOR, ".lsf-label_selected .lsf-label__text").text.strip()
+            selected[key] = chosen
+        return EditorView(labels=listed(driver) or labels, colored_fraction=fraction, screenshot=screenshot,
+                          label_places=places, hotkeys=hotkeys, selected_by_key=selected)
     finally:
         driver.quit()
 

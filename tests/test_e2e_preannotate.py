@@ -59,6 +59,7 @@ def test_background_preannotation(make_stack):
                                  stack.setting("LABEL_STUDIO_PASSWORD"), project, shown.task,
                                  REPO / "bench" / "results" / "editor-native.png")
         browser.assert_editor_shows(view, shown.result)
+        browser.assert_dental_chart(view)
 
         # promotion 2 -> the new version's predictions replace the old ones
         client.ml.train(id=ml.id)

@@ -68,3 +68,29 @@ def test_find_target_errors(config, reason):
 ])
 def test_fdi_of_value(value, expected):
     assert fdi_of_value(value) == expected
+
+
+def test_the_labels_are_placed_like_a_dental_chart():
+    """Each control's labels keep FDI order (the CSS places the n-th label, and Label Studio's hotkeys
+    follow that order); each label has its own cell: upper 18-11 | 21-28, deciduous 55-51 | 61-65 over
+    85-81 | 71-75, lower 48-41 | 31-38 (the browser check is in tests/test_e2e_preannotate.py)."""
+    from backend.label_config import CHART_CLASS, chart_cell
+
+    interface = LabelInterface(render_label_config())
+    for name in ("tooth", "tooth_point", "tooth_box"):
+        assert list(interface.get_control(name).labels) == list(fdi.FDI_LABELS)
+    cells = {label: chart_cell(label) for label in fdi.FDI_LABELS}
+    assert len(set(cells.values())) == 52
+    rows = {row: [label for label in fdi.FDI_LABELS if cells[label][0] == row] for row in (1, 2, 4, 5)}
+    by_column = {row: [label for _, label in sorted((cells[label][1], label) for label in labels)]
+                 for row, labels in rows.items()}
+    assert by_column[1] == "18 17 16 15 14 13 12 11 21 22 23 24 25 26 27 28".split()
+    assert by_column[2] == "55 54 53 52 51 61 62 63 64 65".split()
+    assert by_column[4] == "85 84 83 82 81 71 72 73 74 75".split()
+    assert by_column[5] == "48 47 46 45 44 43 42 41 31 32 33 34 35 36 37 38".split()
+    assert cells["55"][1] == cells["15"][1] and cells["61"][1] == cells["21"][1]  # deciduous under their successors
+    config = render_label_config()
+    assert config.count(f'<View className="{CHART_CLASS}">') == 3
+    for index, label in enumerate(fdi.FDI_LABELS, start=1):
+        row, column = cells[label]
+        assert f".lsf-label:nth-child({index}) {{ grid-area: {row} / {column}; }}" in config
