@@ -1,20 +1,8 @@
 # toothseg: the ML backend (gunicorn), the RQ worker and the bootstrap share this image.
-# Official weights are fetched at build time; override the URLs with --build-arg.
+# Official weights are fetched at build time; override the URLs with --build-arg. Each build
+# argument is declared just before the step that uses it: a changed value rebuilds that step and
+# the ones after it, not the layers before.
 FROM python:3.11-slim
-
-ARG SAM_CHECKPOINT_URL=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
-ARG SAM_MODEL_TYPE=vit_b
-# Starting weights of the detector: ultralytics' official COCO YOLOv8n-seg, the transfer-learning
-# start of a project's first training (weights with FDI class names would also pre-annotate
-# before it). An empty URL builds an image that trains from scratch.
-ARG YOLO_WEIGHTS_URL=https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8n-seg.pt
-# CPU wheels keep the image small; use https://download.pytorch.org/whl/cu124 for a GPU image.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Builds without the internet: pip reads these, e.g. a mirror (PIP_INDEX_URL=https://mirror/simple)
-# or a wheelhouse (PIP_FIND_LINKS=http://host:8000/ with PIP_NO_INDEX=1, which also takes torch from it).
-ARG PIP_INDEX_URL
-ARG PIP_FIND_LINKS
-ARG PIP_NO_INDEX
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -31,6 +19,14 @@ RUN apt-get update \
 WORKDIR /app
 # Layers from the least to the most often changed: dependencies (from pyproject.toml alone), the
 # weights, then toothseg's code, so a code change rebuilds only the last layers.
+# CPU wheels keep the image small; use https://download.pytorch.org/whl/cu124 for a GPU image.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Builds without the internet: pip reads these. A mirror: PIP_INDEX_URL=https://mirror/simple (with
+# TORCH_INDEX_URL pointing at its torch index too). A wheelhouse: PIP_FIND_LINKS=http://host:8000/
+# with PIP_NO_INDEX=1; it must hold torch, torchvision, toothseg's dependencies, setuptools and wheel.
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
 COPY pyproject.toml ./
 RUN pip install --no-cache-dir torch torchvision --index-url "${TORCH_INDEX_URL}" \
     && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
@@ -38,6 +34,11 @@ RUN pip install --no-cache-dir torch torchvision --index-url "${TORCH_INDEX_URL}
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
+ARG SAM_CHECKPOINT_URL=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
+# Starting weights of the detector: ultralytics' official COCO YOLOv8n-seg, the transfer-learning
+# start of a project's first training (weights with FDI class names would also pre-annotate
+# before it). An empty URL builds an image that trains from scratch.
+ARG YOLO_WEIGHTS_URL=https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8n-seg.pt
 RUN mkdir -p /weights \
     && curl -fsSL --retry 3 -o /weights/sam.pth "${SAM_CHECKPOINT_URL}" \
     && if [ -n "${YOLO_WEIGHTS_URL}" ]; then curl -fsSL --retry 3 -o /weights/yolo.pt "${YOLO_WEIGHTS_URL}"; fi
@@ -48,6 +49,7 @@ COPY training ./training
 COPY label_studio_config.xml ./
 RUN pip install --no-cache-dir --no-deps .
 
+ARG SAM_MODEL_TYPE=vit_b
 ENV SAM_CHECKPOINT=/weights/sam.pth \
     YOLO_WEIGHTS=/weights/yolo.pt \
     SAM_MODEL_TYPE=${SAM_MODEL_TYPE} \

@@ -93,14 +93,19 @@ class Engine:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            except subprocess.TimeoutExpired:  # dockerd, its containerd and shims: the session it leads
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
         self.proc = None
 
     # --- images ---------------------------------------------------------------------------
     def has_image(self, name: str) -> bool:
         return self.docker("image", "inspect", name, check=False, timeout=60).returncode == 0
+
+    def image_label(self, name: str, label: str) -> str | None:
+        out = self.docker("image", "inspect", "-f", f'{{{{ index .Config.Labels "{label}" }}}}', name, check=False,
+                          timeout=60)
+        return out.stdout.strip() if out.returncode == 0 else None
 
     def ensure_image(self, name: str, wheels_url: str) -> str:
         """`name` pulled from its registry; when that fails, a stand-in built from tests/compose/
@@ -112,7 +117,8 @@ class Engine:
         reason = (pulled.stderr.strip().splitlines() or ["?"])[-1]
         repository = name.rsplit(":", 1)[0]
         dockerfile, base = STANDIN_FOR[repository]
-        if self.has_image(name):
+        recipe = standin_recipe(name)
+        if self.image_label(name, "org.toothseg.standin-recipe") == recipe:
             self.log(f"{name}: pull failed ({reason}); the stand-in from an earlier run is used")
             return "stand-in (kept)"
         self.log(f"{name}: pull failed ({reason}); building a stand-in from tests/compose/{dockerfile}")
@@ -120,7 +126,7 @@ class Engine:
             self.import_debian()
         elif base != DEBIAN_BASE:
             self.ensure_image(base, wheels_url)
-        args = ["--build-arg", f"BASE={base}"]
+        args = ["--build-arg", f"BASE={base}", "--label", f"org.toothseg.standin-recipe={recipe}"]
         if repository == "heartexlabs/label-studio":
             args += ["--build-arg", f"LABEL_STUDIO_VERSION={name.rsplit(':', 1)[1]}",
                      "--build-arg", f"PIP_FIND_LINKS={wheels_url}", "--build-arg", "PIP_NO_INDEX=1"]
@@ -141,6 +147,15 @@ class Engine:
                                stdout=subprocess.PIPE)
         self.docker("import", "-", DEBIAN_BASE, stdin=tar.stdout, timeout=600)
         tar.wait()
+
+
+def standin_recipe(name: str) -> str:
+    """What a stand-in is built from (the stand-in Dockerfiles and the image name): a kept stand-in
+    whose recipe changed is built again."""
+    h = hashlib.sha1(name.encode())
+    for path in sorted(STANDINS.glob("*.Dockerfile")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def debian_mirror() -> str:
@@ -191,12 +206,21 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+FILE_SERVER_PORT = 47731
+"""The builds' wheel and weight URLs carry this port: the same URLs in every run keep the image's
+layers cached (a changed build argument rebuilds the steps after its declaration)."""
+
+
 class FileServer:
-    """Serves `root` on 127.0.0.1 (the builds run on the host network) until `close`."""
+    """Serves `root` on 127.0.0.1 (the builds run on the host network) until `close`, on
+    FILE_SERVER_PORT, or on any free port when that one is taken (the layer cache then misses)."""
 
     def __init__(self, root: Path):
         handler = functools.partial(_QuietHandler, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        try:
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", FILE_SERVER_PORT), handler)
+        except OSError:
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()

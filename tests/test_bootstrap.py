@@ -2,16 +2,20 @@
 what carries annotations to the retrain queue. Label Studio creates it with the ML backend but skips
 it without a word when its URL check refuses the backend's address (docker compose's
 http://backend:9090 did: the compose test found it)."""
+from dataclasses import replace
+
 import pytest
 
-from training.ops.bootstrap import BootstrapConfig, ensure_webhook
+from backend.label_config import render_label_config
+from conftest import LS_TOKEN
+from training.ops.bootstrap import BootstrapConfig, bootstrap, ensure_webhook
 
 pytestmark = pytest.mark.e2e
 
 
 def config(label_studio: str, backend_url: str, **kw) -> BootstrapConfig:
-    return BootstrapConfig(label_studio_url=label_studio, api_key="", backend_url=backend_url, label_config="",
-                           **kw)
+    return BootstrapConfig(**{"label_studio_url": label_studio, "api_key": "", "backend_url": backend_url,
+                              "label_config": "", **kw})
 
 
 def hooks(client, project: int) -> dict[str, dict]:
@@ -43,3 +47,19 @@ def test_an_address_label_studio_refuses_for_webhooks_is_an_error(ls_client, lab
     with pytest.raises(RuntimeError, match="host name with a dot"):
         ensure_webhook(ls_client, project, config(label_studio, "http://backend:9090"), done)
     assert hooks(ls_client, project) == {} and done["created"] == []
+
+
+def test_a_toothseg_backend_under_an_old_address_is_moved_not_doubled(ls_client, label_studio, start_backend,
+                                                                      redis_url):
+    """An upgrade that changes BACKEND_URL (compose's backend moved to backend.toothseg.internal)
+    must leave one connected backend, at the new address."""
+    backend = start_backend(REDIS_URL=redis_url)
+    old_url, new_url = backend.url, backend.url.replace("127.0.0.1", "localhost")
+    project = ls_client.projects.create(title="bootstrap moved backend", label_config=render_label_config())
+    ls_client.ml.create(project=project.id, url=old_url, title="toothseg", is_interactive=True)
+    cfg = config(label_studio, new_url, project_title="bootstrap moved backend", label_config=render_label_config())
+    cfg = replace(cfg, api_key=LS_TOKEN)
+    done = bootstrap(cfg, wait=30)
+    backends = ls_client.ml.list(project=project.id)
+    assert [b.url for b in backends] == [new_url] and "ml_backend_url" in done["created"]
+    assert f"{new_url}/webhook" in hooks(ls_client, project.id)

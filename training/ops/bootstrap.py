@@ -3,7 +3,8 @@
 1. wait until Label Studio answers /health;
 2. find the project by title, or create it from label_studio_config.xml;
 3. add the images folder as Local Files import storage (unless already added) and sync it;
-4. connect the ML backend (unless a backend with the same URL is connected), interactive on;
+4. connect the ML backend (unless a backend with the same URL is connected; a toothseg backend
+   connected under another URL gets the new one), interactive on;
 5. make sure the project has its webhook to the backend's /webhook (Label Studio skips it for some
    URLs), with the WEBHOOK_SECRET header if one is configured;
 6. set "start training after N annotations" (START_TRAINING webhooks).
@@ -21,6 +22,7 @@ from typing import Mapping
 import httpx
 
 from backend.settings import Settings
+from training.ops.ls_status import TITLE_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +136,17 @@ def bootstrap(cfg: BootstrapConfig, wait: float = 300.0) -> dict:
         client.import_storage.local.sync(id=storage.id)
         done["storage"] = storage.id
 
-    backends = [b for b in client.ml.list(project=project.id) if b.url.rstrip("/") == cfg.backend_url.rstrip("/")]
+    connected = client.ml.list(project=project.id)
+    backends = [b for b in connected if b.url.rstrip("/") == cfg.backend_url.rstrip("/")]
+    # a toothseg backend connected under another address (an older BACKEND_URL, e.g. compose's
+    # http://backend:9090 before its webhook fix) is moved to the new one rather than doubled
+    moved = [b for b in connected if (b.title or "").startswith(TITLE_PREFIX)]
     if backends:
         done["ml_backend"] = backends[0].id
+    elif moved:
+        client.ml.update(id=moved[0].id, url=cfg.backend_url, project=project.id)  # LS 1.23 needs the project
+        done["ml_backend"] = moved[0].id
+        done["created"].append("ml_backend_url")
     else:
         kwargs = {}
         if cfg.basic_auth_user:
