@@ -57,9 +57,10 @@ def test_a_toothseg_backend_under_an_old_address_is_moved_not_doubled(ls_client,
     old_url, new_url = backend.url, backend.url.replace("127.0.0.1", "localhost")
     project = ls_client.projects.create(title="bootstrap moved backend", label_config=render_label_config())
     ls_client.ml.create(project=project.id, url=old_url, title="toothseg", is_interactive=True)
+    assert list(hooks(ls_client, project.id)) == [f"{old_url}/webhook"]  # Label Studio's own, for the old address
     cfg = config(label_studio, new_url, project_title="bootstrap moved backend", label_config=render_label_config())
     cfg = replace(cfg, api_key=LS_TOKEN)
     done = bootstrap(cfg, wait=30)
     backends = ls_client.ml.list(project=project.id)
     assert [b.url for b in backends] == [new_url] and "ml_backend_url" in done["created"]
-    assert f"{new_url}/webhook" in hooks(ls_client, project.id)
+    assert list(hooks(ls_client, project.id)) == [f"{new_url}/webhook"]

@@ -145,6 +145,10 @@ def bootstrap(cfg: BootstrapConfig, wait: float = 300.0) -> dict:
         done["ml_backend"] = backends[0].id
     elif moved:
         client.ml.update(id=moved[0].id, url=cfg.backend_url, project=project.id)  # LS 1.23 needs the project
+        old_hook = moved[0].url.rstrip("/") + "/webhook"  # events must not go on to the old address too
+        for hook in client.webhooks.list(project=project.id):
+            if hook.url.rstrip("/") == old_hook:
+                client.webhooks.delete(id=hook.id)
         done["ml_backend"] = moved[0].id
         done["created"].append("ml_backend_url")
     else:
