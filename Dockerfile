@@ -2,6 +2,14 @@
 # Official weights are fetched at build time; override the URLs with --build-arg. Each build
 # argument is declared just before the step that uses it: a changed value rebuilds that step and
 # the ones after it, not the layers before.
+# toothseg's dependencies, listed from pyproject.toml in a stage of their own: the main stage copies
+# only this list, so an edit of pyproject.toml that leaves them as they are (a test option, a dev
+# extra) keeps the dependency layer cached.
+FROM python:3.11-slim AS requirements
+COPY pyproject.toml /tmp/
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+    > /tmp/requirements.txt
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,8 +25,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-# Layers from the least to the most often changed: dependencies (from pyproject.toml alone), the
-# weights, then toothseg's code, so a code change rebuilds only the last layers.
+# Layers from the least to the most often changed: dependencies (the list above), the weights,
+# then toothseg's code, so a code change rebuilds only the last layers.
 # CPU wheels keep the image small; use https://download.pytorch.org/whl/cu124 for a GPU image.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Builds without the internet: pip reads these. A mirror: PIP_INDEX_URL=https://mirror/simple (with
@@ -27,12 +35,9 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_NO_INDEX
-COPY pyproject.toml ./
+COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir torch torchvision --index-url "${TORCH_INDEX_URL}" \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && pip install --no-cache-dir -r /tmp/requirements.txt
 
 ARG SAM_CHECKPOINT_URL=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
 # Starting weights of the detector: ultralytics' official COCO YOLOv8n-seg, the transfer-learning
@@ -43,7 +48,7 @@ RUN mkdir -p /weights \
     && curl -fsSL --retry 3 -o /weights/sam.pth "${SAM_CHECKPOINT_URL}" \
     && if [ -n "${YOLO_WEIGHTS_URL}" ]; then curl -fsSL --retry 3 -o /weights/yolo.pt "${YOLO_WEIGHTS_URL}"; fi
 
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY backend ./backend
 COPY training ./training
 COPY label_studio_config.xml ./

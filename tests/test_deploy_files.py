@@ -154,8 +154,9 @@ def test_dockerfile(compose):
     assert {"SAM_CHECKPOINT_URL", "YOLO_WEIGHTS_URL", "SAM_MODEL_TYPE"} <= args
     runs = " ".join(c.value[0] for c in commands if c.cmd == "RUN")
     assert "${SAM_CHECKPOINT_URL}" in runs and "${YOLO_WEIGHTS_URL}" in runs  # weights fetched at build time
+    assert [c.value[0] for c in commands if c.cmd == "FROM"] == ["python:3.11-slim"] * 2  # the requirements stage
     for c in commands:
-        if c.cmd == "COPY":
+        if c.cmd == "COPY" and not any(flag.startswith("--from=") for flag in c.flags):
             for source in c.value[:-1]:
                 assert (REPO / source).exists(), f"COPY source {source} does not exist"
     cmd = next(c for c in commands if c.cmd == "CMD")
