@@ -24,6 +24,7 @@ import yaml
 
 import browser
 from conftest import QUICK_TRAINING, REPO, free_port, gt_result, wait_for
+from training.ops.stack import read_dotenv
 from docker_engine import CACHE, Engine, FileServer, build_wheelhouse, docker_binaries
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]
@@ -212,8 +213,7 @@ def test_docker_compose_up_runs_the_loop(engine, tmp_path, trained_weights, sam_
         # the annotator's view: a pre-annotated task in a real browser
         start = time.monotonic()
         task = min(rest)
-        env = dict(line.split("=", 1) for line in (project_dir / ".env").read_text().splitlines()
-                   if "=" in line and not line.startswith("#"))
+        env = read_dotenv(project_dir / ".env")
         view = browser.open_task(f"http://127.0.0.1:{port}", env["LABEL_STUDIO_USERNAME"],
                                  env["LABEL_STUDIO_PASSWORD"], project.id, task,
                                  REPO / "bench" / "results" / "editor-compose.png")
