@@ -42,7 +42,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: the rest keep their order
+    """The compose test runs after the others (its 8 GB of images then cannot fill the disk under
+    them), and the tests marked `last` after it; the rest keep their order (a stable sort)."""
+    items.sort(key=lambda item: 2 if item.get_closest_marker("last") else 1 if item.get_closest_marker("compose")
+               else 0)
 
 
 def pytest_collection_finish(session):
