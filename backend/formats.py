@@ -263,15 +263,11 @@ def region_labels(region: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def result_to_masks(result: Iterable[Mapping[str, Any]], height: int | None = None,
-                    width: int | None = None) -> dict[str, np.ndarray]:
-    """An annotation's `result` -> {FDI label: (H, W) bool mask}.
-
-    Brush and polygon regions are decoded at their original size and unioned per FDI label
-    (an annotator may paint one tooth in several strokes or polygons). Regions whose labels
-    are not FDI teeth, and regions of other types, are skipped with a debug log.
-    """
-    masks: dict[str, np.ndarray] = {}
+def tooth_regions(result: Iterable[Mapping[str, Any]], height: int | None = None,
+                  width: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """(FDI label, (H, W) bool mask) of each brush or polygon region of a `result` that carries
+    exactly one FDI label, in order; other regions are skipped with a debug log."""
+    regions = []
     for region in result:
         kind = str(region.get("type", "")).lower()
         if kind not in REGION_TYPES:
@@ -280,8 +276,19 @@ def result_to_masks(result: Iterable[Mapping[str, Any]], height: int | None = No
         if len(labels) != 1:
             logger.debug("skipping region %s with labels %s", region.get("id"), region_labels(region))
             continue
-        mask = region_mask(region, height, width)
-        label = labels[0]
+        regions.append((labels[0], region_mask(region, height, width)))
+    return regions
+
+
+def result_to_masks(result: Iterable[Mapping[str, Any]], height: int | None = None,
+                    width: int | None = None) -> dict[str, np.ndarray]:
+    """An annotation's `result` -> {FDI label: (H, W) bool mask}.
+
+    Brush and polygon regions (`tooth_regions`) are decoded at their original size and unioned per
+    FDI label (an annotator may paint one tooth in several strokes or polygons).
+    """
+    masks: dict[str, np.ndarray] = {}
+    for label, mask in tooth_regions(result, height, width):
         if label in masks:
             if masks[label].shape != mask.shape:
                 raise ValueError(f"regions of tooth {label} disagree on the image size: "

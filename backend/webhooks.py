@@ -2,7 +2,9 @@
 
 START_TRAINING (sent by "Start training" / `ml.train`, and after N annotations when the project's
 "start training after" setting is on) always asks for a run; ANNOTATION_CREATED, _UPDATED and
-_DELETED count towards RETRAIN_MIN_NEW_ANNOTATIONS. Other actions are acknowledged and ignored.
+_DELETED count towards RETRAIN_MIN_NEW_ANNOTATIONS and each queue a measurement of the annotator's
+work (`training.annotator_work.record_annotation`, run by the worker off the request path). Other
+actions are acknowledged and ignored.
 Answers are immediate (a few Redis round trips); Redis down is a 503 with the reason.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import redis
 
+from backend.queues import FAILURE_TTL_S, RETRY
 from backend.registry import project_key
 from backend.retrain_queue import RetrainQueue
 from backend.settings import Settings
@@ -20,6 +23,7 @@ from backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 TRAIN_ACTION = "START_TRAINING"
+WORK_JOB = "training.annotator_work.record_annotation"
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
 
 _clients: dict[str, redis.Redis] = {}
@@ -74,6 +78,9 @@ def handle_webhook(data: dict[str, Any], settings: Settings | None = None) -> tu
                 return {"error": f"{action} webhook without annotation ids"}, 400
             for annotation_id, updated_at in annotations:
                 queue.record_annotation(project, annotation_id, updated_at)
+                queue.queue.enqueue(WORK_JOB, project, annotation_id, retry=RETRY, job_timeout=300,
+                                    result_ttl=3600, failure_ttl=FAILURE_TTL_S,
+                                    description=f"annotator work: project {project} annotation {annotation_id}")
         decision = queue.maybe_enqueue(project)
     except redis.RedisError as exc:
         logger.error("webhook %s for project %s: Redis unavailable (%s)", action, project, exc)

@@ -71,7 +71,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         print(format_table(version_rows(registry, project)))
     elif args.action == "show":
-        print(describe(registry.get(project, _need_version(args))))
+        from training.annotator_work import WorkStore, describe_version, summarize
+
+        version = registry.get(project, _need_version(args))
+        print(describe(version))
+        print(describe_version(summarize(WorkStore(registry.root).records(project), registry), version.version))
     elif args.action == "rollback":
         version = _need_version(args)
         rollback(registry, project, version)
@@ -79,6 +83,35 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "plot":
         out = Path(args.out or f"toothseg-project{project}-history.png")
         print(plot_history(version_rows(registry, project), out, f"project {project}"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from backend.registry import Registry, project_key
+    from training.annotator_work import WorkStore, export_records, format_rows, plot_rows, summarize
+    from training.export import ExportError
+
+    settings = _settings()
+    registry, store = Registry(settings.model_dir), WorkStore(settings.model_dir)
+    project = project_key(args.project)
+    if args.export:
+        try:
+            records = export_records(settings, project)
+        except (ExportError, RuntimeError) as exc:
+            raise CLIError(str(exc)) from None
+    else:
+        records = store.records(project)
+    rows = summarize(records, registry)
+    source = "Label Studio's export" if args.export else f"the worker's records in {store.folder(project)}"
+    if args.json:
+        print(json.dumps({"project": project, "source": source, "rows": rows}, indent=1))
+    else:
+        print(f"project {project}: annotator work per model version, from {source}")
+        print(format_rows(rows))
+    if args.plot:
+        print(plot_rows(rows, records, Path(args.plot), f"project {project}: annotator work per model version"))
     return 0
 
 
@@ -269,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", help="Label Studio project id (default: the only project with models)")
     p.add_argument("--out", help="plot: PNG path (default toothseg-project<ID>-history.png)")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("report", help="annotator work per model version: actions and seconds per image")
+    p.add_argument("--project", required=True, help="Label Studio project id")
+    p.add_argument("--export", action="store_true",
+                   help="measure from Label Studio's export now instead of the worker's records")
+    p.add_argument("--plot", help="also write a PNG of actions and seconds per image against version")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("status", help="queues, running jobs (stage, progress), current models")
     p.add_argument("--queue", action="append", default=[], help="another RQ queue to show")

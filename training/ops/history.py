@@ -62,6 +62,13 @@ def plot_history(rows: list[dict], out: Path, title: str = "") -> Path:
     ax.set_title(title or "toothseg model history")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Lay out `fig`, write it to `out` (folders made) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
