@@ -10,6 +10,7 @@ Answers are immediate (a few Redis round trips); Redis down is a 503 with the re
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
@@ -38,12 +39,13 @@ def redis_client(url: str) -> redis.Redis:
         return _clients[url]
 
 
-def _annotations(data: dict[str, Any], deleted: bool) -> list[tuple[Any, Any]]:
-    """(id, updated_at) of the annotations an event is about; updated_at None for deletions."""
+def _annotations(data: dict[str, Any], deleted: bool) -> list[tuple[int, Any]]:
+    """(id, updated_at) of the annotations an event is about (Label Studio's ids are integers: others
+    are skipped); updated_at None for deletions."""
     found = []
     for ann in [data.get("annotation"), *(data.get("annotations") or [])]:
-        if isinstance(ann, dict) and ann.get("id") is not None:
-            found.append((ann["id"], None if deleted else ann.get("updated_at") or ann.get("created_at")))
+        if isinstance(ann, dict) and re.fullmatch(r"\d{1,18}", str(ann.get("id"))):
+            found.append((int(ann["id"]), None if deleted else ann.get("updated_at") or ann.get("created_at")))
     return found
 
 

@@ -124,7 +124,10 @@ def test_an_annotation_webhook_queues_the_work_measurement(redis_url):
     assert jobs[0].retries_left == 3
 
 
-def test_other_webhooks_queue_no_measurement(redis_url):
+def test_other_webhooks_and_odd_ids_queue_no_measurement(redis_url):
     settings = Settings.from_env({"REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE})
     handle_webhook({"action": "PROJECT_UPDATED", "project": {"id": 8}}, settings)
+    body, status = handle_webhook({"action": "ANNOTATION_CREATED", "project": {"id": 8},
+                                   "annotation": {"id": "../../etc/passwd"}}, settings)
+    assert status == 400 and "without annotation ids" in body["error"]
     assert Queue(QUEUE, connection=redis.Redis.from_url(redis_url)).count == 0
