@@ -87,9 +87,8 @@ def measure(project: Any, annotation: Mapping[str, Any], prediction: Mapping[str
     regions = [Instance(mask, label) for label, mask in tooth_regions(predicted, *size)]
     count: OracleCount = oracle_count(regions, truth)
     lead_time = annotation.get("lead_time")
-    task = annotation.get("task")
     return AnnotationWork(
-        project=project_key(project), task=int(task["id"] if isinstance(task, Mapping) else task),
+        project=project_key(project), task=int(annotation["task"]),
         annotation=int(annotation["id"]), version=(prediction or {}).get("model_version") if prediction else None,
         lead_time=None if lead_time is None else float(lead_time),
         **{kind: getattr(count, kind) for kind in KINDS})

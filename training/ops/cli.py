@@ -89,12 +89,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
-    from backend.registry import Registry, project_key
+    from backend.registry import project_key
     from training.annotator_work import WorkStore, export_records, format_rows, plot_rows, summarize
     from training.export import ExportError
 
     settings = _settings()
-    registry, store = Registry(settings.model_dir), WorkStore(settings.model_dir)
+    store = WorkStore(settings.model_dir)
+    registry = store.registry
     project = project_key(args.project)
     if args.export:
         try:
