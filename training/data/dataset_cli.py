@@ -1,4 +1,4 @@
-"""`toothseg import | export | predict | evaluate`: labeled datasets into and out of Label Studio,
+"""`toothseg import | convert | export | predict | evaluate`: labeled datasets into and out of Label Studio,
 STS submissions from a model, and the STS metrics of a submission.
 
 - import: each image of a dataset (`training.data.dataset_io` formats) is uploaded to a project
@@ -7,6 +7,8 @@ STS submissions from a model, and the STS metrics of a submission.
   project's labeling config, saved as a ground-truth annotation or as a prediction (model
   version "import"). A rerun skips images whose task already has them, and completes tasks a
   broken run left without them, so it never duplicates a task.
+- convert: a dataset from one format to another (UFBA-425's layout, `--from ufba`, to any
+  writable format), the images as they are.
 - export: the chosen annotation per task (`training.export.annotated_tasks`), images downloaded
   with the backend's loader, written in a dataset format, optionally split into train/val by
   task id (`training.dataset.split_train_val`).
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 
 FORMATS = ("labelme", "masks", "yolo", "coco")
 """The dataset formats of `training.data.dataset_io` (named here so that building the parser stays light)."""
+READ_FORMATS = (*FORMATS, "ufba")
+"""Formats `import` and `convert` read: FORMATS and UFBA-425's layout (`dataset_io._read_ufba`)."""
 
 SOURCE_KEY = "toothseg_source"
 """Task data key of an imported image: "<file name>:<sha1 of the file's bytes>"."""
@@ -453,21 +457,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- convert ---------------------------------------------------------------------------------
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from training.data.dataset_io import DatasetError, ItemError, open_writer, read_dataset
+
+    if Path(args.out).resolve() == Path(args.src).resolve():
+        raise CLIError("OUT must differ from SRC")
+    reader = read_dataset(args.src, args.source_format)  # a DatasetError is the command's one-line error
+    failed: list[str] = []
+    teeth = 0
+    with open_writer(args.format, args.out) as writer:
+        for entry in _progress(reader, len(reader), "convert"):
+            if isinstance(entry, ItemError):
+                failed.append(str(entry))
+                _report(failed[-1])
+                continue
+            try:
+                writer.add(entry, "")
+            except (DatasetError, ValueError, OSError) as exc:
+                failed.append(f"{entry.source}: {exc}")
+                _report(failed[-1])
+                continue
+            teeth += len(entry.masks)
+    written = writer.counts.get("", 0)
+    print(f"converted {written} images ({teeth} teeth) from {args.source_format} {args.src} to {args.format} "
+          f"{args.out}; {len(failed)} failed")
+    return 1 if failed else 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 def register_dataset_commands(sub: argparse._SubParsersAction) -> None:
-    """Add `import`, `export`, `predict` and `evaluate` to the `toothseg` subcommands `sub`."""
+    """Add `import`, `convert`, `export`, `predict` and `evaluate` to the `toothseg` subcommands `sub`."""
     p = sub.add_parser("import", help="import a labeled dataset into Label Studio (annotations or predictions)")
     p.add_argument("src", help="dataset folder (coco: also the JSON file)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--project", type=int, help="existing Label Studio project id")
     where.add_argument("--new", action="store_true", help="create a project with toothseg's labeling config")
     p.add_argument("--title", help="--new: the project's title (default 'toothseg import <folder>')")
-    p.add_argument("--format", required=True, choices=FORMATS, help="dataset format")
+    p.add_argument("--format", required=True, choices=READ_FORMATS,
+                   help="dataset format (ufba: UFBA-425's layout, read only)")
     p.add_argument("--as", dest="kind", choices=("annotations", "predictions"), default="annotations",
                    help="save the masks as ground-truth annotations (default) or as predictions (model version "
                         f"'{IMPORT_MODEL_VERSION}')")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("convert", help="convert a dataset between formats (e.g. UFBA-425 to labelme)")
+    p.add_argument("src", help="dataset folder (coco: also the JSON file)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--from", dest="source_format", required=True, choices=READ_FORMATS,
+                   help="format of SRC (ufba: UFBA-425's layout)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="format written to OUT")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="export a project's annotations as a dataset")
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")

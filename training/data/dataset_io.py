@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
@@ -491,11 +492,79 @@ def _read_coco(src: Path, max_pixels: int) -> list[tuple[str, Callable[[], Datas
     return entries
 
 
+# --- ufba (UFBA-425: a JPEG per radiograph, an OME-TIFF mask per tooth) ----------------------
+
+UFBA_IMAGES = "panoramic_x_rays"
+UFBA_LABELS = "labels"
+_UFBA_MASK = re.compile(r"^(?P<stem>.+)_(?P<tooth>[^_]+)\.ome\.tiff?$", re.IGNORECASE)
+
+
+def ufba_root(src: Path) -> Path:
+    """The folder holding `panoramic_x_rays/` and `labels/`: `src` itself, or
+    `src/Dataset/bb_u_net_dataset` (a checkout of the UFBA-425 repository). DatasetError if neither."""
+    for root in (src, src / "Dataset" / "bb_u_net_dataset"):
+        if (root / UFBA_IMAGES).is_dir() and (root / UFBA_LABELS).is_dir():
+            return root
+    raise DatasetError(f"{src}: no {UFBA_IMAGES}/ and {UFBA_LABELS}/ folders (expected the UFBA-425 layout: "
+                       f"{UFBA_IMAGES}/<cat>-<n>.jpg and {UFBA_LABELS}/<any folder>/<cat>-<n>_<FDI>.ome.tiff)")
+
+
+def ufba_category(name: str) -> str:
+    """The UFBA-425 image category of an image name ("cate10-00005" -> "cate10")."""
+    return name.split("-", 1)[0]
+
+
+def _read_tiff_mask(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        values = np.squeeze(tifffile.imread(path))
+    except (ValueError, OSError, tifffile.TiffFileError) as exc:
+        raise DatasetError(f"{path.name}: not a readable TIFF mask ({exc.__class__.__name__}: {exc})") from None
+    if values.ndim != 2:
+        raise DatasetError(f"{path.name}: a tooth mask must be one 2-D plane, got shape {values.shape}")
+    return values > 0
+
+
+def _ufba_item(image: Path, masks: list[tuple[str, Path]]) -> DatasetItem:
+    if not masks:
+        raise DatasetError(f"no tooth masks {UFBA_LABELS}/<folder>/{image.stem}_<FDI>.ome.tiff for this image")
+    size = image_size(image)
+    teeth: dict[str, np.ndarray] = {}
+    for tooth, path in masks:
+        if not fdi.is_fdi(tooth):
+            raise DatasetError(f"{path.name}: '{tooth}' is not an FDI tooth number")
+        label = fdi.validate(tooth)
+        mask = _read_tiff_mask(path)
+        _check_size({label: mask}, size, f"{path.name}:")
+        teeth[label] = teeth[label] | mask if label in teeth else mask
+    return DatasetItem(image.stem, image, {label: teeth[label] for label in _ordered(teeth)}, str(image))
+
+
+def _read_ufba(src: Path, max_pixels: int) -> list[tuple[str, Callable[[], DatasetItem]]]:
+    """UFBA-425's layout (`ufba_root`): every image with its teeth; `<name>_background.ome.tiff`
+    files are not teeth and are left out; masks without an image fail."""
+    root = ufba_root(src)
+    images = {p.stem: p for p in _image_files(root / UFBA_IMAGES)}
+    masks: dict[str, list[tuple[str, Path]]] = {}
+    for path in sorted((root / UFBA_LABELS).rglob("*")):
+        match = _UFBA_MASK.match(path.name) if path.is_file() else None
+        if match and match["tooth"].lower() != "background":
+            masks.setdefault(match["stem"], []).append((match["tooth"], path))
+    if not images:
+        raise DatasetError(f"{root / UFBA_IMAGES}: no images")
+    entries = [(str(image), lambda i=image: _ufba_item(i, masks.get(i.stem, []))) for image in images.values()]
+    entries += [(str(files[0][1]), lambda: _fail("tooth masks without an image in " + UFBA_IMAGES + "/"))
+                for stem, files in sorted(masks.items()) if stem not in images]
+    return entries
+
+
 # --- reading -------------------------------------------------------------------------------
 
 READERS: dict[str, Callable[[Path, int], list[tuple[str, Callable[[], DatasetItem]]]]] = {
-    "labelme": _read_labelme, "masks": _read_masks, "yolo": _read_yolo, "coco": _read_coco,
+    "labelme": _read_labelme, "masks": _read_masks, "yolo": _read_yolo, "coco": _read_coco, "ufba": _read_ufba,
 }
+"""Readable formats: the writable ones (`WRITERS`) and "ufba", the UFBA-425 layout (read only)."""
 
 
 def read_dataset(src: str | Path, fmt: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DatasetReader:
