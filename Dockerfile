@@ -48,7 +48,7 @@ RUN mkdir -p /weights \
     && curl -fsSL --retry 3 -o /weights/sam.pth "${SAM_CHECKPOINT_URL}" \
     && if [ -n "${YOLO_WEIGHTS_URL}" ]; then curl -fsSL --retry 3 -o /weights/yolo.pt "${YOLO_WEIGHTS_URL}"; fi
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY backend ./backend
 COPY training ./training
 COPY label_studio_config.xml ./
