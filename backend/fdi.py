@@ -77,6 +77,15 @@ def on_image_left(label: str) -> bool:
     return quadrant(label) in (1, 4, 5, 8)
 
 
+_MIRROR_QUADRANT = {1: 2, 2: 1, 3: 4, 4: 3, 5: 6, 6: 5, 7: 8, 8: 7}
+
+
+def mirrored(label: str) -> str:
+    """The same tooth on the patient's other side (11 <-> 21, 36 <-> 46, 55 <-> 65): its label in a
+    panoramic image flipped left to right."""
+    return f"{_MIRROR_QUADRANT[quadrant(label)]}{position(label)}"
+
+
 def tooth_type(label: str) -> ToothType:
     """Incisor, canine, premolar or molar. Deciduous 4 and 5 are (primary) molars."""
     p = position(label)

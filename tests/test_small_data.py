@@ -18,7 +18,7 @@ from backend.settings import Settings
 from backend.yolo_model import ToothSegModel
 from training.dataset import class_names, write_yolo_dataset
 from training.metrics import iou
-from training.model_changes import PanoramicDataset, ToothAssigner
+from training.model_changes import MirrorFlip, PanoramicDataset, ToothAssigner, mirror_classes
 from training.data.synth import generate
 from training.train import PRESETS, TrainConfig, _Budget, preset
 
@@ -120,6 +120,43 @@ def test_panoramic_canvas(tmp_path):
         dataset = PanoramicDataset(img_path=str(tmp_path / "images" / "train"), imgsz=256, augment=True, hyp=hyp,
                                    rect=False, stride=32, pad=0.0, task="segment", data=info, batch_size=2)
         assert tuple(dataset[0]["img"].shape) == shape
+
+
+def test_mirrored_teeth():
+    assert [fdi.mirrored(t) for t in ("11", "18", "21", "36", "47", "55", "61", "73", "84")] == \
+        ["21", "28", "11", "46", "37", "65", "51", "83", "74"]
+    assert all(fdi.mirrored(fdi.mirrored(t)) == t and fdi.is_upper(fdi.mirrored(t)) == fdi.is_upper(t)
+               and fdi.on_image_left(fdi.mirrored(t)) != fdi.on_image_left(t) for t in fdi.FDI_LABELS)
+    names = class_names()
+    table = mirror_classes(names)
+    assert [names[int(table[i])] for i in range(len(names))] == \
+        [fdi.mirrored(n) if fdi.is_fdi(n) else n for n in names.values()]  # the tooth super-class keeps its index
+
+
+def test_a_horizontal_flip_swaps_the_fdi_numbers(tmp_path):
+    """With fliplr=1 every training image is mirrored: each tooth comes back as its mirror tooth, on
+    the other side of the image (ultralytics' own flip would keep the numbers: an 11 where a 21 is)."""
+    items = [generate(510 + i, (400, 200)).item(f"s{i}") for i in range(3)]
+    data = write_yolo_dataset(items[:2], items[2:], tmp_path)
+    import yaml
+
+    info = yaml.safe_load(data.read_text())
+    info["nc"] = len(info["names"])
+    plain = {"translate": 0.0, "scale": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0, "imgsz": 256}
+    samples = {}
+    for fliplr in (0.0, 1.0):
+        hyp = get_cfg(overrides={"mosaic": 0.0, "fliplr": fliplr, **plain})
+        dataset = PanoramicDataset(img_path=str(tmp_path / "images" / "train"), imgsz=256, augment=True, hyp=hyp,
+                                   rect=False, stride=32, pad=0.0, task="segment", data=info, batch_size=2)
+        assert sum(isinstance(t, MirrorFlip) for t in dataset.transforms.transforms) == 1
+        samples[fliplr] = dataset[0]
+    names = info["names"]
+    x = {f: {names[int(c)]: float(b[0]) for c, b in zip(samples[f]["cls"].flatten(), samples[f]["bboxes"])}
+         for f in samples}
+    assert len(x[0.0]) > 20 and sorted(x[1.0]) == sorted(fdi.mirrored(t) for t in x[0.0])
+    for tooth, centre in x[0.0].items():
+        assert abs(x[1.0][fdi.mirrored(tooth)] - (1.0 - centre)) < 0.02, tooth
+    assert np.array_equal(samples[1.0]["img"].numpy(), samples[0.0]["img"].numpy()[:, :, ::-1])
 
 
 def test_length_in_steps_and_presets():

@@ -30,6 +30,10 @@ toothseg's own, for projects with a handful of annotated images:
     image into an imgsz x imgsz square; a 2:1 panoramic then wastes half of each batch on
     padding. Here the canvas has the images' own aspect ratio (640 x 320 at imgsz 640), the
     shape the detector letterboxes to at prediction time, so a step costs half as much.
+(g) Mirror flip (`MirrorFlip`, off unless `fliplr` > 0): ultralytics' horizontal flip teaches an
+    "11" where a "21" belongs, since mirroring a panoramic swaps the patient's sides; this flip
+    also swaps each FDI class with its mirror tooth (`backend.fdi.mirrored`: quadrants 1<->2,
+    3<->4, 5<->6, 7<->8), so a flipped radiograph is a valid one with valid numbers.
 (f) Validation by the product's own score (`ToothSegTrainer.validate`): each epoch the EMA model
     runs through `backend.pipeline` on the validation images and is scored with the STS metrics;
     the primary score (mean of instance Dice and IA) is ultralytics' fitness, so best.pt and
@@ -45,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ultralytics.data.augment import RandomFlip
 from ultralytics.data.dataset import YOLODataset
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationValidator
@@ -55,6 +60,7 @@ from ultralytics.utils.ops import crop_mask
 from ultralytics.utils.tal import TaskAlignedAssigner, bbox2dist
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
+from backend import fdi
 from backend.yolo_model import ToothSegModel
 
 
@@ -138,14 +144,46 @@ class ToothSegmentationLoss(v8SegmentationLoss):
         return (crop_mask(loss, xyxy).mean(dim=(1, 2)) / area * area_weight(area, self.alpha)).sum()
 
 
+def mirror_classes(names: dict[int, str]) -> np.ndarray:
+    """Class index -> the index of its mirror tooth (`fdi.mirrored`) for a dataset's `names`
+    {index: label}; a class that is not an FDI tooth, or whose mirror is not a class, keeps its index."""
+    index = {label: i for i, label in names.items()}
+    table = np.arange(max(names) + 1 if names else 0)
+    for i, label in names.items():
+        if fdi.is_fdi(label):
+            table[i] = index.get(fdi.mirrored(label), i)
+    return table
+
+
+class MirrorFlip(RandomFlip):
+    """ultralytics' horizontal RandomFlip that also relabels each tooth as its mirror tooth (`swap`:
+    `mirror_classes` of the dataset's names), so the flipped image's FDI numbers stay true."""
+
+    def __init__(self, p: float, swap: np.ndarray):
+        super().__init__(p=p, direction="horizontal")
+        self.swap = swap
+
+    def apply_instances(self, labels, params):
+        labels = super().apply_instances(labels, params)
+        if params["flip"] and len(labels["cls"]):
+            labels["cls"] = self.swap[labels["cls"].astype(np.int64)].astype(labels["cls"].dtype)
+        return labels
+
+
 class PanoramicDataset(YOLODataset):
     """YOLODataset whose augmented training images are laid on a canvas of the images' aspect ratio
     (imgsz along the longer side, the shorter one rounded up to the stride) instead of a square.
-    Only without mosaic: a mosaic is square by construction, so it keeps ultralytics' canvas."""
+    Only without mosaic: a mosaic is square by construction, so it keeps ultralytics' canvas.
+    Its horizontal flips are `MirrorFlip`s."""
 
     def build_transforms(self, hyp):
         self.canvas = self._canvas() if self.augment and not hyp.mosaic else None
-        return super().build_transforms(hyp)
+        transforms = super().build_transforms(hyp)
+        swap = mirror_classes(self.data["names"])
+        for i, transform in enumerate(transforms.transforms):
+            if type(transform) is RandomFlip and transform.direction == "horizontal":
+                transforms.transforms[i] = MirrorFlip(transform.p, swap)
+        return transforms
 
     def _canvas(self) -> tuple[int, int]:
         """(h, w) of the canvas: the widest landscape (or tallest portrait) aspect of the images."""

@@ -15,10 +15,11 @@ README) or by the caller:
   100 epochs, ultralytics' augmentations with mosaic, no time budget.
 
 In both, one optimizer step per batch: ultralytics' nominal batch `nbs` is set to the batch size,
-since its default of 64 accumulates several batches per step. Horizontal flips are off:
-mirroring a panoramic image swaps the patient's sides, so an "11" would be taught where a "21"
-belongs. Validation (best.pt, early stopping) uses the STS primary score on the validation
-images when they are given (`training.model_changes`).
+since its default of 64 accumulates several batches per step. Horizontal flips (`fliplr`, off
+by default until the real-radiograph bench shows what they give) mirror the image and swap each
+tooth's FDI class with its mirror tooth (`training.model_changes.MirrorFlip`): ultralytics' own
+flip would teach an "11" where a "21" belongs. Validation (best.pt, early stopping) uses the STS
+primary score on the validation images when they are given (`training.model_changes`).
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class TrainConfig:
     mosaic: float = 0.0
     translate: float = 0.05
     scale: float = 0.2
+    fliplr: float = 0.0
     warmup_steps: int = 100
     warmup_epochs: float = 0.0
     close_mosaic: int = 0
@@ -219,8 +221,8 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
         patience=config.patience, mosaic=config.mosaic, translate=config.translate, scale=config.scale,
         warmup_epochs=warmup_epochs, nbs=config.batch, seed=config.seed, deterministic=True,
         device=config.device, workers=config.workers, cache=config.cache or False, project=str(run_dir.parent),
-        name=run_dir.name, exist_ok=True, mask_ratio=config.proto_stride, fliplr=0.0, close_mosaic=config.close_mosaic,
-        plots=False, amp=False, verbose=False, val=True,
+        name=run_dir.name, exist_ok=True, mask_ratio=config.proto_stride, fliplr=config.fliplr,
+        close_mosaic=config.close_mosaic, plots=False, amp=False, verbose=False, val=True,
     )
     trainer = model.trainer
     best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
