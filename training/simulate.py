@@ -329,7 +329,7 @@ class SimProject:
         current = Registry(self.settings.model_dir).current(project)
         if current is None:
             return None
-        opts = PipelineOptions.from_settings(self.settings, use_sam=self.refiner is not None, **options)
+        opts = PipelineOptions.from_settings(self.settings, **{"use_sam": self.refiner is not None, **options})
         return Pipeline(Detector.load(current.weights, device=self.config.device,
                                       conf=self.settings.detector_conf), self.refiner, opts)
 

@@ -1,0 +1,58 @@
+"""bench/bench_real.py's mechanics on generated data in UFBA-425's layout (CI never needs the real
+images): the split is stratified, fixed and disjoint; a smoke run trains through the product's
+retrain job, scores the held-out images and writes the report and its JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from training.data.dataset_io import ufba_category
+from training.data.synth import generate
+
+from conftest import REPO
+from test_ufba import write_ufba
+
+sys.path.insert(0, str(REPO / "bench"))
+import bench_real  # noqa: E402
+
+
+def test_the_split_is_stratified_fixed_and_disjoint():
+    names = [f"cate{c}-{i:05d}" for c, n in ((1, 24), (2, 72), (3, 15), (9, 7), (10, 35)) for i in range(n)]
+    pool, test = bench_real.split_names(names)
+    assert sorted(pool + test) == sorted(names) and not set(pool) & set(test)
+    assert (pool, test) == bench_real.split_names(list(reversed(names)))  # the order given does not matter
+    per_category = Counter(ufba_category(n) for n in test)
+    assert per_category == {"cate1": 4, "cate2": 11, "cate3": 2, "cate9": 1, "cate10": 5}  # 15% rounded, at least 1
+    assert bench_real.split_names(names, seed=1) != (pool, test)
+    drawn = bench_real.draw_images(pool, 8, 0)
+    assert len(set(drawn)) == 8 and set(drawn) <= set(pool) and drawn == bench_real.draw_images(pool, 8, 0)
+    assert drawn != bench_real.draw_images(pool, 8, 1)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_report(tmp_path):
+    samples = {f"cate{c}-{i:05d}": generate(10 * c + i, (512, 256)) for c in (1, 10) for i in range(6)}
+    write_ufba(tmp_path / "ufba", samples)
+    out = subprocess.run([sys.executable, "bench/bench_real.py", "--data", str(tmp_path / "ufba"), "--smoke",
+                          "--work", str(tmp_path / "work"), "--commit", "test"], cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (tmp_path / "work" / "real.md").read_text()
+    for heading in ("## The first model", "## Per category", "## Where the first model loses",
+                    "## Masks by source", "## The loop"):
+        assert heading in report
+    assert "10 pool images, 2 held-out test images" in report
+    summary = json.loads((tmp_path / "work" / "real.json").read_text())
+    assert set(summary["first_model"]) == {"2", "4"}
+    for figures in summary["first_model"].values():
+        assert {"recall", "ia", "instance_dice", "union_dice", "train_minutes"} <= set(figures)
+    runs = sorted(p.name for p in (tmp_path / "work" / "runs").iterdir())
+    assert runs == ["first-02-draw0.json", "first-04-draw0.json", "loop-round1.json"]
+    again = subprocess.run([sys.executable, "bench/bench_real.py", "--data", str(tmp_path / "ufba"), "--smoke",
+                            "--work", str(tmp_path / "work"), "--commit", "test"], cwd=REPO, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0 and "retrain job" not in again.stderr  # a rerun trains nothing it has
