@@ -30,6 +30,22 @@ def toothseg_predictions(client, project, registry):
     return [p for p in client.predictions.list(project=project) if p.model_version in ours]
 
 
+def separate_regions(prediction):
+    """(regions, their labels, their pairwise IoU, the separate ones) of a prediction: a region is
+    separate with a label of its own and (nearly) no overlap, so that an edit of it has one reading."""
+    import numpy as np
+
+    from backend.formats import result_image_size, tooth_regions
+    from training.oracle import iou_matrix
+
+    teeth = tooth_regions(prediction.result, *result_image_size(prediction.result))
+    labels = [label for label, _ in teeth]
+    overlap = iou_matrix([m for _, m in teeth], [m for _, m in teeth])
+    np.fill_diagonal(overlap, 0)
+    clean = [teeth[i] for i in range(len(teeth)) if labels.count(labels[i]) == 1 and overlap[i].max() <= 0.02]
+    return teeth, labels, overlap, clean
+
+
 def annotate_with_known_edits(client, project: int, prediction, lead_time: float) -> dict:
     """Submit an annotation of `prediction`'s task that starts from it, with known edits: of the
     regions with a label of their own that overlap no other region, the first is redrawn (its top
@@ -38,17 +54,10 @@ def annotate_with_known_edits(client, project: int, prediction, lead_time: float
     import numpy as np
 
     from backend import fdi
-    from backend.formats import find_target, instances_to_results, result_image_size, tooth_regions
+    from backend.formats import find_target, instances_to_results
     from backend.instance import Instance
 
-    from training.oracle import iou_matrix
-
-    teeth = tooth_regions(prediction.result, *result_image_size(prediction.result))
-    labels = [label for label, _ in teeth]
-    overlap = iou_matrix([m for _, m in teeth], [m for _, m in teeth])
-    np.fill_diagonal(overlap, 0)
-    # edited regions: a label of their own and (nearly) no overlap, so that each edit has one reading
-    clean = [teeth[i] for i in range(len(teeth)) if labels.count(labels[i]) == 1 and overlap[i].max() <= 0.02]
+    teeth, labels, overlap, clean = separate_regions(prediction)
     assert len(clean) >= 4, (f"task {prediction.task}: {len(clean)} separate regions to edit of {len(teeth)} "
                              f"(labels {labels}, largest overlaps {np.round(overlap.max(axis=1), 2)})")
     free = [label for label in fdi.FDI_LABELS if label not in labels]
@@ -97,8 +106,9 @@ def report(stack, project: int, *args: str) -> dict:
 
 
 def most_regions(preds, version, n):
-    """The `n` predictions of `version` with the most regions."""
-    return sorted((p for p in preds if p.model_version == version), key=lambda p: (-len(p.result), p.task))[:n]
+    """The `n` predictions of `version` with the most separate regions (`separate_regions`) to edit."""
+    return sorted((p for p in preds if p.model_version == version),
+                  key=lambda p: (-len(separate_regions(p)[3]), p.task))[:n]
 
 
 @pytest.mark.scenario("A worker SIGKILLed during a background pre-annotation pass",
