@@ -1,4 +1,4 @@
-"""Tooth segmentation datasets on disk: read and write items in four formats.
+"""Tooth segmentation datasets on disk: read and write items in four formats, and read a fifth.
 
 An item is one image and its teeth: `DatasetItem(name, image, masks)` with `image` either an
 (H, W) uint8 grey array or the path of an image file, and `masks` {FDI label: (H, W) bool mask}
@@ -22,6 +22,10 @@ at the image's size. Formats (`read_dataset(src, fmt)`, `open_writer(fmt, out)`)
 - `coco`: COCO instance segmentation (`annotations.json`: `images`, `annotations` with polygon
   `segmentation`, `categories` named by FDI label; images in `images/`). RLE segmentations are
   read through pycocotools when it is installed, else that image fails with the reason.
+
+- `ufba` (read only): UFBA-425's layout, `panoramic_x_rays/<cat>-<n>.jpg` and one mask per tooth
+  `labels/<any folder>/<cat>-<n>_<FDI>.ome.tiff` (value > 0; LZW through imagecodecs); the
+  `<name>_background` masks are not teeth (`ufba_root`, `_read_ufba`).
 
 Polygon formats (labelme, yolo, coco) store outlines: a hole inside a tooth mask is written
 filled. Coordinate frames: Labelme points are pixel-centre (col, row) coordinates
