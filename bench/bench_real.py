@@ -429,7 +429,7 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
              f"Data: UFBA-425, `devichand579/Instance_seg_teeth` at commit {data_commit}, 512x512 panoramics with one "
              f"expert mask per tooth; split once (seed {SPLIT_SEED}, {TEST_SHARE:.0%} of each category held out): "
              f"{len(split.pool)} pool images, {len(split.test)} held-out test images "
-             f"(unreadable images: {len(split.failed)}). Annotated images are drawn "
+             f"(images the runs used that could not be read: {len(split.failed)}). Annotated images are drawn "
              "from the pool only; every figure below is on the held-out images."
              if args.on == "test" else
              f"Data: UFBA-425, `devichand579/Instance_seg_teeth` at commit {data_commit}; SELECTION RUN (`--on pool`): "
@@ -532,10 +532,19 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
 # --- main ----------------------------------------------------------------------------------
 
 def data_commit(src: Path) -> str:
+    """HEAD of the data set's own checkout; not that of a repository `src` merely lies inside."""
     import subprocess
 
-    out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() or "unknown (not a git checkout)"
+    from training.data.dataset_io import ufba_root
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True).stdout.strip()
+
+    top = git("rev-parse", "--show-toplevel")
+    own = (Path(top).resolve(), Path(top).resolve() / "Dataset" / "bb_u_net_dataset") if top else ()
+    if ufba_root(Path(src)).resolve() in own:
+        return git("rev-parse", "HEAD")
+    return "unknown (not a git checkout of the data set: give --commit)"
 
 
 def main(argv: list[str] | None = None) -> int:

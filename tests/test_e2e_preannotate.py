@@ -105,7 +105,7 @@ def report(stack, project: int, *args: str) -> dict:
     return {row["version"]: row for row in json.loads(out.stdout[:out.stdout.rindex("}") + 1])["rows"]}
 
 
-def most_regions(preds, version, n):
+def most_separate_regions(preds, version, n):
     """The `n` predictions of `version` with the most separate regions (`separate_regions`) to edit."""
     return sorted((p for p in preds if p.model_version == version),
                   key=lambda p: (-len(separate_regions(p)[3]), p.task))[:n]
@@ -150,7 +150,7 @@ def test_background_preannotation(make_stack):
         browser.assert_dental_chart(view)
         # annotators start from two of them with known edits (their tasks leave the pool)
         edits = [annotate_with_known_edits(client, project, p, lead_time)
-                 for p, lead_time in zip(most_regions(preds, v1, 2), (45.0, 75.0))]
+                 for p, lead_time in zip(most_separate_regions(preds, v1, 2), (45.0, 75.0))]
         pool_ids = sorted(t.id for t in client.tasks.list(project=project) if not t.total_annotations)
         assert len(pool_ids) == 22
 
@@ -167,7 +167,7 @@ def test_background_preannotation(make_stack):
         assert Counter(p.task for p in preds) == Counter(pool_ids)
         assert {p.model_version for p in preds} == {v2}
         edits += [annotate_with_known_edits(client, project, p, lead_time)
-                  for p, lead_time in zip(most_regions(preds, v2, 2), (30.0, 50.0))]
+                  for p, lead_time in zip(most_separate_regions(preds, v2, 2), (30.0, 50.0))]
         pool_ids = sorted(t.id for t in client.tasks.list(project=project) if not t.total_annotations)
         assert len(pool_ids) == 20
 
