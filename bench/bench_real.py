@@ -5,6 +5,7 @@ with the simulated oracle, and the masks by source, on UFBA-425 (expert per-toot
     .venv/bin/python bench/bench_real.py --data DIR --work bench/.cache/real --report-only
     .venv/bin/python bench/bench_real.py --data DIR --smoke --work /tmp/real-smoke   # mechanics, minutes
     .venv/bin/python bench/bench_real.py --data DIR --on pool --set TRAIN_FLIPLR=0.5 --work bench/.cache/real-flip
+    .venv/bin/python bench/bench_real.py --data DIR --selection bench/.cache/real-pool bench/.cache/real-flip
 
 DIR is a checkout of github.com/devichand579/Instance_seg_teeth or its Dataset/bb_u_net_dataset
 folder (`toothseg convert --from ufba` reads the same layout). The images are split once, by a
@@ -15,7 +16,9 @@ Settings are chosen on the pool only: this bench runs the product's defaults (TR
 `toothseg simulate` runs it: only the export from Label Studio is replaced).
 
 To choose a setting, `--on pool` scores on validation images split off the pool (the held-out
-images are not touched) and `--set KEY=VALUE` changes settings over the defaults.
+images are not touched) and `--set KEY=VALUE` changes settings over the defaults. `--selection
+WORK...` puts such runs side by side (the first is the baseline; the same draws are the same
+annotated images, so the per-draw differences are paired) in bench/results/real-selection.md.
 
 Each training's figures are kept in `--work` (runs/<name>.json); a rerun trains only what is
 missing, so a run stopped by a session's end goes on where it stopped. Writes
@@ -318,6 +321,10 @@ def headline(rows: list[ImageRow], minutes: float) -> dict[str, float]:
 
 # --- storage -------------------------------------------------------------------------------
 
+SETTINGS_FILE = "settings.json"
+"""In a selection run's --work: the --set pairs it ran with."""
+
+
 def save(record: RunRecord, work: Path) -> None:
     path = work / "runs" / f"{record.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -531,6 +538,49 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
 
 # --- main ----------------------------------------------------------------------------------
 
+def selection_report(works: list[Path], command: str) -> list[str]:
+    """Selection runs (`--on pool`) side by side: each run's settings, figures per draw and their
+    difference from the first run's on the same draw (the same annotated images)."""
+    def runs(work: Path) -> dict[str, RunRecord]:
+        return {p.stem: r for p in sorted((work / "runs").glob("first-*.json")) if (r := load(p.stem, work))}
+
+    def settings(work: Path) -> str:
+        path = work / SETTINGS_FILE
+        pairs = json.loads(path.read_text()) if path.exists() else []
+        return ", ".join(f"{k}={v}" for k, v in pairs) or "the defaults"
+
+    keys = ("recall", "numbered_right", "ia", "instance_dice", "union_dice")
+    base = runs(works[0])
+    lines = ["# Settings chosen on the pool (UFBA-425 selection runs, `--on pool`)", "", f"Command: {command}",
+             f"Machine: {machine()}",
+             f"Each run: the pool alone, split again (seed {SPLIT_SEED + 1}) into images to annotate and validation "
+             "images; the held-out test images are not used. Figures on the validation images; the difference "
+             f"(after the slash) is to the first row's run on the same draw (`{works[0].name}`).", "",
+             "| work | settings | run | train min | epochs | teeth found | numbered right | IA | inst Dice "
+             "| union Dice |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for work in works:
+        by_size: dict[str, list[tuple[str, RunRecord]]] = {}
+        for name, record in runs(work).items():
+            by_size.setdefault(name.rsplit("-", 1)[0], []).append((name, record))
+        for size, records in by_size.items():
+            heads, diffs = [], []
+            for name, record in records:
+                h = headline(record.rows, record.seconds / 60)
+                ref = base.get(name)
+                b = headline(ref.rows, ref.seconds / 60) if ref and work != works[0] else None
+                heads.append(h)
+                diffs += [{k: h[k] - b[k] for k in keys}] if b else []
+                cells = [f"{h[k]:.3f}" + (f" / {h[k] - b[k]:+.3f}" if b else "") for k in keys]
+                lines.append(f"| {work.name} | {settings(work)} | {name} | {h['train_minutes']:.1f} "
+                             f"| {record.epochs} | " + " | ".join(cells) + " |")
+            if len(heads) > 1:
+                cells = [f"{np.mean([h[k] for h in heads]):.3f}"
+                         + (f" / {np.mean([d[k] for d in diffs]):+.3f}" if diffs else "") for k in keys]
+                lines.append(f"| **{work.name}** | | **{size}, mean of {len(heads)}** "
+                             f"| {np.mean([h['train_minutes'] for h in heads]):.1f} | | " + " | ".join(cells) + " |")
+    return lines
+
+
 def data_commit(src: Path) -> str:
     """HEAD of the data set's own checkout; not that of a repository `src` merely lies inside."""
     import subprocess
@@ -569,9 +619,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting over the product's defaults (TRAIN_*, SCORE_THRESHOLD, ...), for --on pool; "
                              "use a --work folder per setting")
+    parser.add_argument("--selection", type=Path, nargs="+", metavar="WORK",
+                        help="write bench/results/real-selection.md from these selection runs' --work folders "
+                             "(the first is the baseline) and stop")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real.md")
     args = parser.parse_args(argv)
     args.work = args.work.resolve()
+    if args.selection:
+        given = argv if argv is not None else sys.argv[1:]
+        command = f"`{shlex.join(['.venv/bin/python', 'bench/bench_real.py', *given])}`"
+        out = args.out if args.out != parser.get_default("out") else REPO / "bench" / "results" / "real-selection.md"
+        write_report(selection_report(args.selection, command), out)
+        return 0
     if any("=" not in kv for kv in args.set):
         parser.error("--set takes KEY=VALUE")
     if args.set and args.on != "pool":
@@ -594,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.on == "pool":  # the test images are left out; the pool is split into annotated and validation images
         pool, test = split_names(pool, seed=SPLIT_SEED + 1)
     split = Split(pool, test, data.failed)
+    if args.on == "pool" and not args.report_only:
+        args.work.mkdir(parents=True, exist_ok=True)
+        (args.work / SETTINGS_FILE).write_text(json.dumps([list(kv) for kv in args.train_env]) + "\n")
     if not args.report_only:
         run(args, split, data, log)
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]

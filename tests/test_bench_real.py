@@ -56,3 +56,27 @@ def test_smoke_run_writes_the_report(tmp_path):
                             "--work", str(tmp_path / "work"), "--commit", "test"], cwd=REPO, capture_output=True,
                            text=True, timeout=900)
     assert again.returncode == 0 and "retrain job" not in again.stderr  # a rerun trains nothing it has
+
+
+def _record(name: str, found: int, seconds: float = 60.0) -> "bench_real.RunRecord":
+    row = bench_real.ImageRow(name="cate1-00001", category="cate1", teeth=10, found=found, numbered_right=found,
+                              extra=0, ia=found / 10, instance_dice=found / 10, instance_nsd=found / 10,
+                              image_dice=found / 10, actions=10 - found)
+    return bench_real.RunRecord(name=name, annotated=["a"], promoted=True, seconds=seconds, epochs=5, steps=20,
+                                stopped_by="budget", rows=[row])
+
+
+def test_selection_pairs_each_draw_with_the_baselines_same_draw(tmp_path):
+    base, other = tmp_path / "base", tmp_path / "flip"
+    for work, found in ((base, (5, 7)), (other, (6, 9))):
+        for draw, n in enumerate(found):
+            bench_real.save(_record(f"first-08-draw{draw}", n), work)
+    (other / bench_real.SETTINGS_FILE).write_text(json.dumps([["TRAIN_FLIPLR", "0.5"]]))
+    lines = bench_real.selection_report([base, other], "cmd")
+    rows = {(cells[0], cells[2]): cells for line in lines if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]] if len(cells) > 3}
+    assert rows[("base", "first-08-draw0")][1] == "the defaults"
+    assert rows[("flip", "first-08-draw0")][1] == "TRAIN_FLIPLR=0.5"
+    assert rows[("flip", "first-08-draw0")][5] == "0.600 / +0.100"  # teeth found, paired with draw 0
+    assert rows[("flip", "first-08-draw1")][5] == "0.900 / +0.200"
+    assert rows[("**flip**", "**first-08, mean of 2**")][5] == "0.750 / +0.150"
