@@ -1,6 +1,7 @@
 """FDI numbering variants on the models a `bench_loop.py` run trained, at prediction time only.
 
     .venv/bin/python bench/bench_numbering.py --work bench/.cache/sim-cold-v2 --work bench/.cache/sim
+    .venv/bin/python bench/bench_numbering.py --real-work bench/.cache/real-pool --data DIR --out /tmp/n.md
 
 Each --work is a `bench_loop.py --work` folder. For every model its projects serve, the detector
 runs once on the seed's held-out test images (regenerated from the seed, checked against the
@@ -10,6 +11,10 @@ candidates. A numbering error is a candidate matched to a ground-truth tooth (bo
 one by `scipy.optimize.linear_sum_assignment`) with another FDI number: what the oracle relabels.
 Prints a table of errors per test image, per model and summed, and writes
 bench/results/numbering.md.
+
+`--real-work` is a `bench_real.py --on pool` folder instead (real radiographs, `--data` the UFBA-425
+checkout): its models number the pool's validation images (never the held-out test images), so
+numbering settings can be chosen on real candidates.
 """
 from __future__ import annotations
 
@@ -91,6 +96,33 @@ def candidate_sets(work: Path):
             yield name, rows
 
 
+def real_candidate_sets(work: Path, data: Path):
+    """(model name, [(candidates, gt masks)]) for each model a `bench_real.py --on pool` run in
+    `work` trained, on the pool's validation images (the split that run scored on)."""
+    import bench_real
+
+    from backend.detector import Detector
+    from backend.registry import Registry
+
+    real = bench_real.RealData(data)
+    pool, _ = bench_real.split_names(sorted(real.loaders))
+    _, validation = bench_real.split_names(pool, seed=bench_real.SPLIT_SEED + 1)
+    images = [(name, item.pixels(), item.masks) for name in validation if (item := real.get(name)) is not None]
+    registry = Registry(work / "models")
+    for project_dir in sorted((work / "models" / "projects").iterdir(), key=lambda p: int(p.name)):
+        current = registry.current(int(project_dir.name))
+        if current is None:
+            continue
+        detector = Detector.load(current.weights, device="cpu", conf=0.05)
+        counts = current.meta.get("counts") or {}
+        rows = []
+        for _, pixels, masks in images:
+            c = detector.detect(pixels)
+            rows.append(((c.boxes, c.probs, c.tooth if detector.tooth_column is not None else None), masks))
+        yield (f"{work.name} project {project_dir.name} {current.version.split('-')[0]}: "
+               f"{counts.get('train', 0) + counts.get('val', 0)} images, real"), rows
+
+
 def numbering_errors(rows, kwargs: dict | None, min_score: float | None = None) -> float:
     """Numbering errors per image of one variant on one model's candidates (module docstring), of
     the candidates with a tooth score >= `min_score` (default: the product's SCORE_THRESHOLD)."""
@@ -122,18 +154,26 @@ def numbering_errors(rows, kwargs: dict | None, min_score: float | None = None) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, action="append", required=True,
+    parser.add_argument("--work", type=Path, action="append", default=[],
                         help="a bench_loop.py --work folder (repeatable)")
+    parser.add_argument("--real-work", type=Path, action="append", default=[],
+                        help="a bench_real.py --on pool --work folder (repeatable; needs --data)")
+    parser.add_argument("--data", type=Path, help="UFBA-425 checkout, for --real-work")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "numbering.md")
     args = parser.parse_args()
+    if not args.work and not args.real_work:
+        parser.error("give --work or --real-work")
+    if args.real_work and args.data is None:
+        parser.error("--real-work needs --data")
     from backend.process import set_torch_threads
     from backend.settings import Settings
 
     set_torch_threads(0)
     start = time.perf_counter()
     models = [(name, rows) for work in args.work for name, rows in candidate_sets(work)]
+    models += [(name, rows) for work in args.real_work for name, rows in real_candidate_sets(work, args.data)]
     if not models:
-        raise SystemExit("no served models in " + ", ".join(map(str, args.work)))
+        raise SystemExit("no served models in " + ", ".join(map(str, args.work + args.real_work)))
     table = {variant: [numbering_errors(rows, kwargs) for _, rows in models] for variant, kwargs in VARIANTS.items()}
     command = shlex.join([".venv/bin/python", "bench/bench_numbering.py", *sys.argv[1:]])
     lines = ["# FDI numbering variants on trained models (prediction time)", "",

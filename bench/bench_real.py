@@ -278,6 +278,7 @@ class RunRecord:
     stopped_by: str
     rows: list[ImageRow]
     picked_actions: dict[str, float] = field(default_factory=dict)  # loop: the oracle's work on the round's picks
+    hyperparameters: dict = field(default_factory=dict)  # the TrainConfig the job trained with (registry meta)
 
 
 def train_and_score(sim: RealProject, project: int, name: str, keys: list[str]) -> RunRecord:
@@ -296,7 +297,7 @@ def train_and_score(sim: RealProject, project: int, name: str, keys: list[str]) 
     rows = score_model(sim, pipelines_for(sim, registry.get(project, summary["version"]).weights))
     record = RunRecord(name, list(keys), summary["status"] == "promoted", summary["seconds"],
                        int(meta.get("epochs_run") or 0), int(meta.get("steps_run") or 0),
-                       str(meta.get("stopped_by") or ""), rows)
+                       str(meta.get("stopped_by") or ""), rows, hyperparameters=dict(meta.get("hyperparameters") or {}))
     sim.log(f"{name}: {summary['status']} after {record.seconds:.0f} s; held-out recall "
             f"{recall(rows):.3f}, IA {mean(rows, 'ia'):.3f}, instance Dice {mean(rows, 'instance_dice'):.3f}")
     return record
@@ -428,9 +429,26 @@ def fmt_spread(values: list[float], digits: int = 3) -> str:
     return spread(values, "{:." + str(digits) + "f}")
 
 
+def not_todays_defaults(firsts: list[RunRecord], warm: list[RunRecord]) -> str:
+    """What the runs trained with that differs from today's defaults (TrainConfig without TRAIN_*
+    settings; `warm`: runs warm-started from a current model, against its warm configuration): a
+    report regenerated after a default changed says so."""
+    from training.train import TrainConfig
+
+    today = TrainConfig.from_env({})
+    differ = sorted({f"{k}={v}" for records, config in ((firsts, today), (warm, today.warm()))
+                     for r in records for k, v in r.hyperparameters.items()
+                     if k != "device" and config.as_dict().get(k, v) != v})
+    unknown = sum(1 for r in firsts + warm if not r.hyperparameters)
+    parts = ([f"the runs trained with {', '.join(differ)}, not today's defaults"] if differ else []) + (
+        [f"{unknown} run(s) kept no record of their settings (made before runs recorded them)"] if unknown else [])
+    return ("Note: " + "; ".join(parts) + ".") if parts else ""
+
+
 def report(args: argparse.Namespace, split: Split, data_commit: str, command: str) -> tuple[list[str], dict]:
     firsts = {n: [r for d in range(args.draws) if (r := load(first_name(n, d), args.work))] for n in args.sizes}
     loop = [r for k in range(1, args.rounds + 1) if (r := load(f"loop-round{k}", args.work))]
+    note = not_todays_defaults([r for records in firsts.values() for r in records], loop)
     lines = ["# toothseg on real panoramic radiographs (UFBA-425)", "",
              f"Command: {command}", f"Machine: {machine()}",
              f"Data: UFBA-425, `devichand579/Instance_seg_teeth` at commit {data_commit}, 512x512 panoramics with one "
@@ -450,7 +468,7 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
              "Found: a region matched one to one (Hungarian on IoU) to an expert's tooth with IoU >= 0.3; extra: "
              "regions matched to no tooth; numbered right: found teeth with the expert's FDI number. IA, instance "
              "Dice and NSD, image (union) Dice: the STS 2024 metrics (`training.metrics`), mean over images. "
-             "Spread: median (min-max) over draws (different annotated images).", ""]
+             "Spread: median (min-max) over draws (different annotated images).", *([note] if note else []), ""]
     table = {}
     lines += ["## The first model", "",
               "| annotated | draws | promoted | train min | epochs | teeth found | extra/img | numbered right | IA "

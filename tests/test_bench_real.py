@@ -80,3 +80,18 @@ def test_selection_pairs_each_draw_with_the_baselines_same_draw(tmp_path):
     assert rows[("flip", "first-08-draw0")][5] == "0.600 / +0.100"  # teeth found, paired with draw 0
     assert rows[("flip", "first-08-draw1")][5] == "0.900 / +0.200"
     assert rows[("**flip**", "**first-08, mean of 2**")][5] == "0.750 / +0.150"
+
+
+def test_the_report_says_when_its_runs_did_not_train_with_todays_defaults():
+    from training.train import TrainConfig
+
+    today = TrainConfig.from_env({})
+    first = _record("first-08-draw0", 8)
+    first.hyperparameters = today.as_dict()
+    loop = _record("loop-round1", 9)
+    loop.hyperparameters = today.warm().as_dict()  # a warm start trains with the warm lengths
+    assert bench_real.not_todays_defaults([first], [loop]) == ""
+    first.hyperparameters = {**today.as_dict(), "fliplr": 0.0 if today.fliplr else 0.5}
+    assert bench_real.not_todays_defaults([first], [loop]) == (
+        f"Note: the runs trained with fliplr={first.hyperparameters['fliplr']}, not today's defaults.")
+    assert "1 run(s) kept no record" in bench_real.not_todays_defaults([first, _record("first-08-draw1", 7)], [])
