@@ -70,7 +70,6 @@ def test_images(seed_dir: Path, seed: int):
 
 def candidate_sets(work: Path):
     """(model name, [(candidates, gt masks)]) for each model served in `work`'s seeds."""
-    from backend.detector import Detector
     from backend.registry import Registry
 
     for seed_dir in sorted(work.glob("seed-*/")):
@@ -84,16 +83,23 @@ def candidate_sets(work: Path):
             meta = current.meta
             counts = meta.get("counts") or {}
             tooth_class = (meta.get("model_changes") or {}).get("tooth_class", False)
-            detector = Detector.load(current.weights, device="cpu", conf=0.05)
             name = (f"{work.name} seed {seed} project {project_dir.name} {current.version.split('-')[0]}: "
                     f"{counts.get('train', 0) + counts.get('val', 0)} images"
                     + ("" if tooth_class else ", no tooth class"))
-            rows = []
-            for _, pixels, masks in images:
-                c = detector.detect(pixels)
-                tooth = c.tooth if detector.tooth_column is not None else None
-                rows.append(((c.boxes, c.probs, tooth), masks))
-            yield name, rows
+            yield name, detections(current.weights, images)
+
+
+def detections(weights: Path, images) -> list:
+    """[(candidates (boxes, probs, tooth scores or None), gt masks)] of the detector `weights` on
+    `images` ((key, pixels, {label: mask}))."""
+    from backend.detector import Detector
+
+    detector = Detector.load(weights, device="cpu", conf=0.05)
+    rows = []
+    for _, pixels, masks in images:
+        c = detector.detect(pixels)
+        rows.append(((c.boxes, c.probs, c.tooth if detector.tooth_column is not None else None), masks))
+    return rows
 
 
 def real_candidate_sets(work: Path, data: Path):
@@ -101,26 +107,19 @@ def real_candidate_sets(work: Path, data: Path):
     `work` trained, on the pool's validation images (the split that run scored on)."""
     import bench_real
 
-    from backend.detector import Detector
     from backend.registry import Registry
 
     real = bench_real.RealData(data)
-    pool, _ = bench_real.split_names(sorted(real.loaders))
-    _, validation = bench_real.split_names(pool, seed=bench_real.SPLIT_SEED + 1)
+    _, validation = bench_real.selection_split(sorted(real.loaders))
     images = [(name, item.pixels(), item.masks) for name in validation if (item := real.get(name)) is not None]
     registry = Registry(work / "models")
     for project_dir in sorted((work / "models" / "projects").iterdir(), key=lambda p: int(p.name)):
         current = registry.current(int(project_dir.name))
         if current is None:
             continue
-        detector = Detector.load(current.weights, device="cpu", conf=0.05)
         counts = current.meta.get("counts") or {}
-        rows = []
-        for _, pixels, masks in images:
-            c = detector.detect(pixels)
-            rows.append(((c.boxes, c.probs, c.tooth if detector.tooth_column is not None else None), masks))
         yield (f"{work.name} project {project_dir.name} {current.version.split('-')[0]}: "
-               f"{counts.get('train', 0) + counts.get('val', 0)} images, real"), rows
+               f"{counts.get('train', 0) + counts.get('val', 0)} images, real"), detections(current.weights, images)
 
 
 def numbering_errors(rows, kwargs: dict | None, min_score: float | None = None) -> float:

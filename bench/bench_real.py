@@ -89,6 +89,13 @@ def split_names(names: list[str], share: float = TEST_SHARE, seed: int = SPLIT_S
     return sorted(pool), sorted(test)
 
 
+def selection_split(names: list[str]) -> tuple[list[str], list[str]]:
+    """(to annotate, validation) of a selection run (`--on pool`): the pool images among `names`,
+    split again by the next seed; the held-out test images are in neither."""
+    pool, _ = split_names(names)
+    return split_names(pool, seed=SPLIT_SEED + 1)
+
+
 class RealData:
     """The data set's items by name, loaded on first use (about 8 MB of masks per image)."""
 
@@ -667,9 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--loop-from must be one of --sizes")
     log = lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)  # noqa: E731
     data = RealData(args.data, max_images=40 if args.smoke else 0)
-    pool, test = split_names(sorted(data.loaders))
-    if args.on == "pool":  # the test images are left out; the pool is split into annotated and validation images
-        pool, test = split_names(pool, seed=SPLIT_SEED + 1)
+    # --on pool: the test images are left out; the pool is split into annotated and validation images
+    pool, test = (selection_split if args.on == "pool" else split_names)(sorted(data.loaders))
     split = Split(pool, test, data.failed)
     if args.on == "pool" and not args.report_only:
         args.work.mkdir(parents=True, exist_ok=True)

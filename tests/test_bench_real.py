@@ -31,6 +31,8 @@ def test_the_split_is_stratified_fixed_and_disjoint():
     drawn = bench_real.draw_images(pool, 8, 0)
     assert len(set(drawn)) == 8 and set(drawn) <= set(pool) and drawn == bench_real.draw_images(pool, 8, 0)
     assert drawn != bench_real.draw_images(pool, 8, 1)
+    annotate, validation = bench_real.selection_split(names)  # --on pool: the pool alone, split again
+    assert sorted(annotate + validation) == pool and validation and annotate != pool
 
 
 @pytest.mark.slow
