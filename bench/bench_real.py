@@ -436,16 +436,25 @@ def fmt_spread(values: list[float], digits: int = 3) -> str:
     return spread(values, "{:." + str(digits) + "f}")
 
 
+UFBA_SIDE = 512
+"""UFBA-425's radiographs are 512x512: today's defaults train them at `TrainConfig.fitted(512)`."""
+
+
+def differences(records: list[RunRecord], warm: bool = False) -> list[str]:
+    """KEY=VALUE for each training setting the runs kept that is not today's default (warm: runs
+    warm-started from a current model, against the warm configuration)."""
+    from training.train import TrainConfig, recorded
+
+    today = TrainConfig.from_env({}).fitted(UFBA_SIDE)
+    config = (today.warm() if warm else today).as_dict()
+    return sorted({f"{k}={v}" for r in records for k, v in recorded(r.hyperparameters).items()
+                   if k != "device" and config.get(k, v) != v})
+
+
 def not_todays_defaults(firsts: list[RunRecord], warm: list[RunRecord]) -> str:
     """What the runs trained with that differs from today's defaults (TrainConfig without TRAIN_*
-    settings; `warm`: runs warm-started from a current model, against its warm configuration): a
-    report regenerated after a default changed says so."""
-    from training.train import TrainConfig
-
-    today = TrainConfig.from_env({})
-    differ = sorted({f"{k}={v}" for records, config in ((firsts, today), (warm, today.warm()))
-                     for r in records for k, v in r.hyperparameters.items()
-                     if k != "device" and config.as_dict().get(k, v) != v})
+    settings, fitted to UFBA's image size): a report regenerated after a default changed says so."""
+    differ = sorted(set(differences(firsts)) | set(differences(warm, warm=True)))
     unknown = sum(1 for r in firsts + warm if not r.hyperparameters)
     parts = ([f"the runs trained with {', '.join(differ)}, not today's defaults"] if differ else []) + (
         [f"{unknown} run(s) kept no record of their settings (made before runs recorded them)"] if unknown else [])
@@ -479,7 +488,7 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
     table = {}
     lines += ["## The first model", "",
               "| annotated | draws | promoted | train min | epochs | teeth found | extra/img | numbered right | IA "
-              "| inst Dice | inst NSD | union Dice | actions/img | synthetic bench, same settings |",
+              "| inst Dice | inst NSD | union Dice | actions/img | synthetic bench |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     synthetic = synthetic_rows()
     for n, records in firsts.items():
@@ -493,8 +502,10 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
                      f"| {col('extra_per_image', 1)} | {col('numbered_right')} | {col('ia')} | {col('instance_dice')} "
                      f"| {col('instance_nsd')} | {col('union_dice')} | {col('actions_per_image', 1)} "
                      f"| {synthetic.get(n, '-')} |")
-    lines += ["", "Synthetic bench: `bench/results/cold_start.md` (2000x1000 synthetic panoramics, 3 seeds, the same "
-              "defaults).", ""]
+    lines += ["", "Synthetic bench: the defaults rows of `bench/results/cold_start.md` (2000x1000 synthetic "
+              "panoramics, 3 seeds), trained with the defaults of that run (its header says which).", ""]
+    if args.before:
+        lines += before_and_after(args.before, args.work)
     lines += ["## Per category (teeth found / IA / instance Dice; all draws pooled)", "",
               "| category | test images | teeth | " + " | ".join(f"{n} annotated" for n in firsts if firsts[n]) + " |",
               "|---|---|---|" + "---|" * sum(1 for n in firsts if firsts[n])]
@@ -563,29 +574,21 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
 
 # --- main ----------------------------------------------------------------------------------
 
-def selection_report(works: list[Path], command: str) -> list[str]:
-    """Selection runs (`--on pool`) side by side: each run's settings, figures per draw and their
-    difference from the first run's on the same draw (the same annotated images)."""
-    def runs(work: Path) -> dict[str, RunRecord]:
-        return {p.stem: r for p in sorted((work / "runs").glob("first-*.json")) if (r := load(p.stem, work))}
+def runs_in(work: Path) -> dict[str, RunRecord]:
+    """The first-model runs kept in a --work folder, by name."""
+    return {p.stem: r for p in sorted((work / "runs").glob("first-*.json")) if (r := load(p.stem, work))}
 
-    def settings(work: Path) -> str:
-        path = work / SETTINGS_FILE
-        pairs = json.loads(path.read_text()) if path.exists() else []
-        return ", ".join(f"{k}={v}" for k, v in pairs) or "the defaults"
 
+def side_by_side(works: list[Path], settings: dict[Path, str]) -> list[str]:
+    """A table of the first-model runs of `works`, each draw with its difference (after the slash)
+    from the first work's run on the same draw (the same annotated images), a mean row per size."""
     keys = ("recall", "numbered_right", "ia", "instance_dice", "union_dice")
-    base = runs(works[0])
-    lines = ["# Settings chosen on the pool (UFBA-425 selection runs, `--on pool`)", "", f"Command: {command}",
-             f"Machine: {machine()}",
-             f"Each run: the pool alone, split again (seed {SPLIT_SEED + 1}) into images to annotate and validation "
-             "images; the held-out test images are not used. Figures on the validation images; the difference "
-             f"(after the slash) is to the first row's run on the same draw (`{works[0].name}`).", "",
-             "| work | settings | run | train min | epochs | teeth found | numbered right | IA | inst Dice "
+    base = runs_in(works[0])
+    lines = ["| work | settings | run | train min | epochs | teeth found | numbered right | IA | inst Dice "
              "| union Dice |", "|---|---|---|---|---|---|---|---|---|---|"]
     for work in works:
         by_size: dict[str, list[tuple[str, RunRecord]]] = {}
-        for name, record in runs(work).items():
+        for name, record in runs_in(work).items():
             by_size.setdefault(name.rsplit("-", 1)[0], []).append((name, record))
         for size, records in by_size.items():
             heads, diffs = [], []
@@ -596,7 +599,7 @@ def selection_report(works: list[Path], command: str) -> list[str]:
                 heads.append(h)
                 diffs += [{k: h[k] - b[k] for k in keys}] if b else []
                 cells = [f"{h[k]:.3f}" + (f" / {h[k] - b[k]:+.3f}" if b else "") for k in keys]
-                lines.append(f"| {work.name} | {settings(work)} | {name} | {h['train_minutes']:.1f} "
+                lines.append(f"| {work.name} | {settings[work]} | {name} | {h['train_minutes']:.1f} "
                              f"| {record.epochs} | " + " | ".join(cells) + " |")
             if len(heads) > 1:
                 cells = [f"{np.mean([h[k] for h in heads]):.3f}"
@@ -604,6 +607,39 @@ def selection_report(works: list[Path], command: str) -> list[str]:
                 lines.append(f"| **{work.name}** | | **{size}, mean of {len(heads)}** "
                              f"| {np.mean([h['train_minutes'] for h in heads]):.1f} | | " + " | ".join(cells) + " |")
     return lines
+
+
+def before_and_after(before: Path, after: Path) -> list[str]:
+    """The report's before/after section: an earlier run of this bench (`--before`, its own --work)
+    and this one, draw by draw (the same draws: the same annotated images)."""
+    def label(work: Path) -> str:
+        differ = differences(list(runs_in(work).values()))
+        return f"trained with {', '.join(differ)}" if differ else "today's defaults"
+
+    return ["## Before and after", "",
+            f"The first models of `{before.name}` (before) and of this run (`{after.name}`), on the same held-out "
+            "images; after the slash: the difference from the before run on the same draw (the same annotated "
+            "images; which of them the retrain job holds out for validation follows the task ids, which follow the "
+            "order a run adds images, so it can differ between the runs).", "",
+            *side_by_side([before, after], {before: label(before), after: label(after)}), ""]
+
+
+def selection_report(works: list[Path], command: str) -> list[str]:
+    """Selection runs (`--on pool`) side by side: each run's settings, figures per draw and their
+    difference from the first run's on the same draw (the same annotated images)."""
+    def settings(work: Path) -> str:
+        path = work / SETTINGS_FILE
+        pairs = json.loads(path.read_text()) if path.exists() else []
+        differ = differences(list(runs_in(work).values()))
+        return (", ".join(f"{k}={v}" for k, v in pairs) or "the defaults") + (
+            f" (trained with {', '.join(differ)}: not today's defaults)" if differ else "")
+
+    return ["# Settings chosen on the pool (UFBA-425 selection runs, `--on pool`)", "", f"Command: {command}",
+            f"Machine: {machine()}",
+            f"Each run: the pool alone, split again (seed {SPLIT_SEED + 1}) into images to annotate and validation "
+            "images; the held-out test images are not used. Figures on the validation images; the difference "
+            f"(after the slash) is to the first row's run on the same draw (`{works[0].name}`).", "",
+            *side_by_side(works, {work: settings(work) for work in works})]
 
 
 def data_commit(src: Path) -> str:
@@ -647,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", type=Path, nargs="+", metavar="WORK",
                         help="write bench/results/real-selection.md from these selection runs' --work folders "
                              "(the first is the baseline) and stop")
+    parser.add_argument("--before", type=Path, metavar="WORK",
+                        help="an earlier run's --work folder (e.g. before a default changed): the report puts its "
+                             "first models and this run's side by side, draw by draw")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real.md")
     args = parser.parse_args(argv)
     args.work = args.work.resolve()

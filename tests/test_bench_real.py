@@ -74,10 +74,13 @@ def test_selection_pairs_each_draw_with_the_baselines_same_draw(tmp_path):
         for draw, n in enumerate(found):
             bench_real.save(_record(f"first-08-draw{draw}", n), work)
     (other / bench_real.SETTINGS_FILE).write_text(json.dumps([["TRAIN_FLIPLR", "0.5"]]))
+    earlier = bench_real.load("first-08-draw1", base)  # trained before a default changed
+    earlier.hyperparameters = {"fliplr": 0.25, "best_min_val_images": 3}
+    bench_real.save(earlier, base)
     lines = bench_real.selection_report([base, other], "cmd")
     rows = {(cells[0], cells[2]): cells for line in lines if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("|").split("|")]] if len(cells) > 3}
-    assert rows[("base", "first-08-draw0")][1] == "the defaults"
+    assert rows[("base", "first-08-draw0")][1] == "the defaults (trained with fliplr=0.25: not today's defaults)"
     assert rows[("flip", "first-08-draw0")][1] == "TRAIN_FLIPLR=0.5"
     assert rows[("flip", "first-08-draw0")][5] == "0.600 / +0.100"  # teeth found, paired with draw 0
     assert rows[("flip", "first-08-draw1")][5] == "0.900 / +0.200"
@@ -87,7 +90,7 @@ def test_selection_pairs_each_draw_with_the_baselines_same_draw(tmp_path):
 def test_the_report_says_when_its_runs_did_not_train_with_todays_defaults():
     from training.train import TrainConfig
 
-    today = TrainConfig.from_env({})
+    today = TrainConfig.from_env({}).fitted(bench_real.UFBA_SIDE)  # UFBA's 512x512 images train at 512
     first = _record("first-08-draw0", 8)
     first.hyperparameters = today.as_dict()
     loop = _record("loop-round1", 9)
@@ -97,3 +100,30 @@ def test_the_report_says_when_its_runs_did_not_train_with_todays_defaults():
     assert bench_real.not_todays_defaults([first], [loop]) == (
         f"Note: the runs trained with fliplr={first.hyperparameters['fliplr']}, not today's defaults.")
     assert "1 run(s) kept no record" in bench_real.not_todays_defaults([first, _record("first-08-draw1", 7)], [])
+    before = {k: v for k, v in today.as_dict().items() if k != "best_min_val_images"}  # recorded before it existed
+    first.hyperparameters = before
+    assert bench_real.not_todays_defaults([first], []) == (
+        "Note: the runs trained with best_min_val_images=0, not today's defaults.")
+
+
+def test_before_and_after_pairs_the_same_draws_and_names_what_the_before_run_trained_with(tmp_path):
+    from training.train import TrainConfig
+
+    today = TrainConfig.from_env({}).fitted(bench_real.UFBA_SIDE)
+    before, after = tmp_path / "real", tmp_path / "real-v2"
+    for work, found, hyperparameters in ((before, (5, 7), {**today.as_dict(), "fliplr": 0.0, "imgsz": 640,
+                                                           "best_min_val_images": 0}),
+                                         (after, (8, 6), today.as_dict())):
+        for draw, n in enumerate(found):
+            record = _record(f"first-08-draw{draw}", n)
+            record.hyperparameters = hyperparameters
+            bench_real.save(record, work)
+    lines = bench_real.before_and_after(before, after)
+    assert lines[0] == "## Before and after"
+    rows = {(cells[0], cells[2]): cells for line in lines if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]] if len(cells) > 3}
+    assert rows[("real", "first-08-draw0")][1] == "trained with best_min_val_images=0, fliplr=0.0, imgsz=640"
+    assert rows[("real-v2", "first-08-draw0")][1] == "today's defaults"
+    assert rows[("real-v2", "first-08-draw0")][5] == "0.800 / +0.300"
+    assert rows[("real-v2", "first-08-draw1")][5] == "0.600 / -0.100"
+    assert rows[("**real-v2**", "**first-08, mean of 2**")][5] == "0.700 / +0.100"

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -356,3 +357,37 @@ def test_pseudo_labels_keep_only_confident_predictions(trained_weights, synth_di
     images, records = run(cut)
     assert len(records) == 2 and all(r["score"] >= cut for r in records)
     assert run(1.01) == ([], [])
+
+
+def test_imgsz_is_fitted_to_the_images():
+    config = TrainConfig(imgsz=640)
+    assert config.fitted(512).imgsz == 512  # UFBA-425's 512x512 radiographs are not upscaled
+    assert config.fitted(500).imgsz == 512  # rounded up to the stride
+    assert config.fitted(2000).imgsz == 640 and config.fitted(640) is config  # larger images: as configured
+
+
+def test_the_retrain_job_trains_no_larger_than_its_images(tmp_path):
+    from training.simulate import SimProject, preset
+
+    sim = SimProject(preset("smoke"), 0, tmp_path, log=lambda line: None)  # 320x160 images
+    record = sim.run(101, "fit", sim.keys["lab"], overrides={"imgsz": 640})
+    version = Registry(sim.settings.model_dir).versions(101)[-1]
+    assert record.steps == 4 and version.meta["hyperparameters"]["imgsz"] == 320
+    assert Detector.load(version.weights).imgsz == 320  # and it predicts at that size
+    # by default half of the training images are mirrored (with their FDI numbers swapped, see
+    # test_small_data): chosen on the real radiographs' pool (bench/results/real-selection.md)
+    train_args = torch.load(version.weights, map_location="cpu", weights_only=False)["train_args"]
+    assert train_args["fliplr"] == 0.5
+
+
+def test_a_training_with_few_validation_images_returns_its_last_epoch(small_dataset, tmp_path):
+    """One or two validation images cannot rank epochs (on the real bench one image's score picked
+    epoch 40 of 165): below TRAIN_BEST_MIN_VAL_IMAGES the last epoch is the model, else best.pt."""
+    data, items = small_dataset
+    config = TrainConfig(steps=2, batch=2, imgsz=256, warmup_steps=0, time_budget=0)
+    assert config.best_min_val_images == 3
+    few = train_model(data, tmp_path / "few", config, 0.4, 0.2, val_items=items[4:])  # 2 validation images
+    assert few.weights.name == "last.pt" and few.weights.exists()
+    enough = train_model(data, tmp_path / "enough", replace(config, best_min_val_images=2), 0.4, 0.2,
+                         val_items=items[4:])
+    assert enough.weights.name == "best.pt"

@@ -149,6 +149,7 @@ class Dataset:
     mean: float
     std: float
     pseudo_records: list[dict] = field(default_factory=list)
+    longest_side: int = 0  # pixels: the largest train image's longest side
 
 
 def export_step(project: str, settings: Settings, report: Progress,
@@ -190,8 +191,11 @@ def dataset_step(settings: Settings, exported: Exported, work: Path, current: Mo
     shutil.rmtree(work, ignore_errors=True)
     report("dataset", f"{len(train_images)} train / {len(val_images)} val images -> {work}")
     data_yaml = write_yolo_dataset(train_images, val_images, work / "dataset", tooth_class=config.tooth_class)
-    mean, std = pixel_statistics([img.pixels() for img in train_images])
-    return Dataset(train_tasks, val_tasks, train_images, val_images, skipped, data_yaml, mean, std, pseudo_records)
+    pixels = [img.pixels() for img in train_images]
+    mean, std = pixel_statistics(pixels)
+    longest = max(max(p.shape[:2]) for p in pixels)
+    return Dataset(train_tasks, val_tasks, train_images, val_images, skipped, data_yaml, mean, std, pseudo_records,
+                   longest)
 
 
 def train_step(settings: Settings, data: Dataset, work: Path, current: ModelVersion | None, config: TrainConfig,
@@ -313,6 +317,7 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     config = config.warm() if current is not None else config
     work = (settings.work_dir or settings.model_dir / ".work") / project / job_id
     data = dataset_step(settings, exported, work, current, config, report)
+    config = config.fitted(data.longest_side)
     reserve = EVALUATION_RESERVE_S + EVALUATION_S_PER_IMAGE * len(data.val_images) * (2 if current else 1)
     refiner_reserve = reserve_seconds(config.refiner_steps, len(data.train_images), config.device)
     result = train_step(settings, data, work, current, config, deadline and deadline - reserve - refiner_reserve,

@@ -30,10 +30,11 @@ toothseg's own, for projects with a handful of annotated images:
     image into an imgsz x imgsz square; a 2:1 panoramic then wastes half of each batch on
     padding. Here the canvas has the images' own aspect ratio (640 x 320 at imgsz 640), the
     shape the detector letterboxes to at prediction time, so a step costs half as much.
-(g) Mirror flip (`MirrorFlip`, off unless `fliplr` > 0): ultralytics' horizontal flip teaches an
-    "11" where a "21" belongs, since mirroring a panoramic swaps the patient's sides; this flip
-    also swaps each FDI class with its mirror tooth (`backend.fdi.mirrored`: quadrants 1<->2,
-    3<->4, 5<->6, 7<->8), so a flipped radiograph is a valid one with valid numbers.
+(g) Mirror flip (`MirrorFlip`, when `fliplr` > 0: half of the images by default): ultralytics'
+    horizontal flip teaches an "11" where a "21" belongs, since mirroring a panoramic swaps the
+    patient's sides; this flip also swaps each FDI class with its mirror tooth
+    (`backend.fdi.mirrored`: quadrants 1<->2, 3<->4, 5<->6, 7<->8), so a flipped radiograph is a
+    valid one with valid numbers.
 (f) Validation by the product's own score (`ToothSegTrainer.validate`): each epoch the EMA model
     runs through `backend.pipeline` on the validation images and is scored with the STS metrics;
     the primary score (mean of instance Dice and IA) is ultralytics' fitness, so best.pt and

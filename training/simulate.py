@@ -587,9 +587,10 @@ def format_report(config: SimConfig, results: Sequence[SeedResult], command: str
               + f": preset {train.preset}, {train.steps} steps ({train.warm_steps} when warm-started), batch "
               f"{train.batch}, {train.optimizer} lr0 {train.lr0:g}, imgsz {train.imgsz}, proto stride "
               f"{train.proto_stride}, tooth super-class {'on' if train.tooth_class else 'off'}, mosaic "
-              f"{train.mosaic:g}, translate {train.translate:g}, scale {train.scale:g}, time budget "
-              f"{train.time_budget:g} min per job, mask refiner {train.refiner_steps} steps "
-              f"({train.refiner_warm_steps} warm). Pre-annotation: detector, numbering of the candidates with a tooth "
+              f"{train.mosaic:g}, translate {train.translate:g}, scale {train.scale:g}, mirror flip "
+              f"{train.fliplr:g}, time budget {train.time_budget:g} min per job, mask refiner "
+              f"{train.refiner_steps} steps ({train.refiner_warm_steps} warm). Pre-annotation: detector, numbering "
+              "of the candidates with a tooth "
               f"score >= {settings.score_threshold:g} (SCORE_THRESHOLD), YOLO masks redrawn by the learned mask "
               "refiner (with its mirror pass), "
               + ("no SAM (no SAM checkpoint given)" if config.sam_checkpoint is None else f"SAM {config.sam}")

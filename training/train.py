@@ -15,11 +15,15 @@ README) or by the caller:
   100 epochs, ultralytics' augmentations with mosaic, no time budget.
 
 In both, one optimizer step per batch: ultralytics' nominal batch `nbs` is set to the batch size,
-since its default of 64 accumulates several batches per step. Horizontal flips (`fliplr`, off
-by default until the real-radiograph bench shows what they give) mirror the image and swap each
-tooth's FDI class with its mirror tooth (`training.model_changes.MirrorFlip`): ultralytics' own
-flip would teach an "11" where a "21" belongs. Validation (best.pt, early stopping) uses the STS
-primary score on the validation images when they are given (`training.model_changes`).
+since its default of 64 accumulates several batches per step. Horizontal flips (`fliplr`, half
+of the images by default: chosen on the real radiographs' pool, `bench/results/real-selection.md`)
+mirror the image and swap each tooth's FDI class with its mirror tooth
+(`training.model_changes.MirrorFlip`): ultralytics' own flip would teach an "11" where a "21"
+belongs. A project whose images are smaller than `imgsz` trains at their own size
+(`TrainConfig.fitted`). Validation (best.pt, early stopping) uses the STS primary score on the
+validation images when they are given (`training.model_changes`); with fewer than
+`best_min_val_images` of them (3: a project of under about 15 annotated images) the last epoch is
+returned instead of best.pt: one image's score ranks epochs by chance.
 """
 from __future__ import annotations
 
@@ -50,8 +54,9 @@ class TrainConfig:
     loss weight (0 = ultralytics' loss); tooth_class: the tooth super-class; cache: ultralytics'
     image cache ("ram", "disk" or ""); refiner_steps: optimizer steps of the learned mask refiner
     after the detector (`training.refiner_training`; 0: none, masks fall back to the guided filter);
-    refiner_warm_steps: its steps when warm-started; the rest are ultralytics' arguments of the
-    same name.
+    refiner_warm_steps: its steps when warm-started; best_min_val_images: the fewest validation
+    images whose score picks the returned epoch (best.pt), fewer return the last epoch's weights;
+    the rest are ultralytics' arguments of the same name.
     """
 
     preset: str = "small"
@@ -67,11 +72,12 @@ class TrainConfig:
     mosaic: float = 0.0
     translate: float = 0.05
     scale: float = 0.2
-    fliplr: float = 0.0
+    fliplr: float = 0.5
     warmup_steps: int = 100
     warmup_epochs: float = 0.0
     close_mosaic: int = 0
     val_steps: int = 30
+    best_min_val_images: int = 3
     time_budget: float = 9.0
     cache: str = "ram"
     seed: int = 0
@@ -116,6 +122,13 @@ class TrainConfig:
         warm = replace(self, refiner_steps=self.refiner_warm_steps) if self.refiner_steps > 0 else self
         return replace(warm, steps=self.warm_steps) if self.warm_steps > 0 and self.steps > 0 else warm
 
+    def fitted(self, longest_side: int, stride: int = 32) -> "TrainConfig":
+        """The configuration for images whose longest side is `longest_side` pixels: imgsz no larger
+        than that, rounded up to the stride. An upscaled image adds pixels, not detail, and each
+        step costs more of the budget (512x512 radiographs at imgsz 640: 1.56 times the pixels)."""
+        fit = max(math.ceil(longest_side / stride) * stride, stride)
+        return replace(self, imgsz=fit) if fit < self.imgsz else self
+
     def epochs_for(self, train_images: int) -> int:
         """Epochs that give `steps` optimizer steps on `train_images` images (or `epochs`)."""
         if self.steps <= 0:
@@ -140,11 +153,25 @@ PRESETS: dict[str, dict] = {
 """Named training defaults: "small" is TrainConfig's own defaults, "paper" the paper's Table 2."""
 
 
+PREDATING: dict[str, object] = {"fliplr": 0.0, "best_min_val_images": 0}
+"""Settings added after trainings were first recorded (registry meta "hyperparameters"), each with
+the value that gives the behaviour from before it existed: a record without it trained so."""
+
+
+def recorded(hyperparameters: dict) -> dict:
+    """A training's recorded hyperparameters, completed with `PREDATING` for settings it predates."""
+    return {**PREDATING, **hyperparameters} if hyperparameters else {}
+
+
 def preset(name: str) -> TrainConfig:
     """The TrainConfig of a named preset."""
     if name not in PRESETS:
         raise ValueError(f"unknown TRAIN_PRESET {name!r} (one of {', '.join(PRESETS)})")
     return TrainConfig(preset=name, **PRESETS[name])
+
+
+def _count_files(folder: Path) -> int:
+    return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
 
 
 @dataclass
@@ -192,8 +219,9 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
     score epochs with the STS metrics through the pipeline with `val_options` (a PipelineOptions;
     default: the pipeline's defaults without SAM), else ultralytics' mAP. `deadline` (time.monotonic
     seconds): end training by then (default: `config.time_budget` minutes from now).
-    `train_images`: size of the train split (read from the dataset when None). Returns the best
-    weights."""
+    `train_images`: size of the train split (read from the dataset when None). Returns the weights
+    of the epoch the validation score ranks first (best.pt), or of the last epoch when there are
+    fewer than `config.best_min_val_images` validation images."""
     from ultralytics import YOLO
 
     from backend.process import set_torch_threads
@@ -202,7 +230,7 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
     if deadline is None and config.time_budget > 0:
         deadline = time.monotonic() + config.time_budget * 60
     if train_images is None:
-        train_images = sum(1 for _ in (Path(data_yaml).parent / "images" / "train").iterdir())
+        train_images = _count_files(Path(data_yaml).parent / "images" / "train")
     epochs = config.epochs_for(train_images)
     steps_per_epoch = max(math.ceil(train_images / config.batch), 1)
     warmup_epochs = config.warmup_steps / steps_per_epoch if config.warmup_steps > 0 else config.warmup_epochs
@@ -225,7 +253,12 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
         close_mosaic=config.close_mosaic, plots=False, amp=False, verbose=False, val=True,
     )
     trainer = model.trainer
+    val_images = len(val_items) if val_items else _count_files(Path(data_yaml).parent / "images" / "val")
     best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
+    if val_images < config.best_min_val_images and Path(trainer.last).exists():
+        # one or two images cannot rank epochs: on the real bench one 10-tooth image's score picked
+        # epoch 40 of 165; the time-compressed schedule ends on the most trained epoch
+        best = Path(trainer.last)
     epochs_run = int(trainer.epoch) + 1
     stopped_by = "budget" if budget.cut else ("steps" if epochs_run >= epochs else "patience")
     return TrainResult(weights=best, seconds=time.perf_counter() - start, epochs_run=epochs_run,
