@@ -6,6 +6,7 @@ with the simulated oracle, and the masks by source, on UFBA-425 (expert per-toot
     .venv/bin/python bench/bench_real.py --data DIR --smoke --work /tmp/real-smoke   # mechanics, minutes
     .venv/bin/python bench/bench_real.py --data DIR --on pool --set TRAIN_FLIPLR=0.5 --work bench/.cache/real-flip
     .venv/bin/python bench/bench_real.py --data DIR --selection bench/.cache/real-pool bench/.cache/real-flip
+    .venv/bin/python bench/bench_real.py --data DIR --work bench/.cache/real-v2 --before bench/.cache/real
 
 DIR is a checkout of github.com/devichand579/Instance_seg_teeth or its Dataset/bb_u_net_dataset
 folder (`toothseg convert --from ufba` reads the same layout). The images are split once, by a
@@ -22,7 +23,8 @@ annotated images, so the per-draw differences are paired) in bench/results/real-
 
 Each training's figures are kept in `--work` (runs/<name>.json); a rerun trains only what is
 missing, so a run stopped by a session's end goes on where it stopped. Writes
-bench/results/real.md and real.json (`--out`).
+bench/results/real.md and real.json (`--out`); `--before WORK` (an earlier run's --work, e.g.
+before a default changed) adds its first models to the report, draw by draw beside this run's.
 
 - First model from 4, 8 and 20 annotated images (`--draws` draws each: different images):
   teeth found (a region matched one to one to the expert's tooth with IoU >= 0.3), extra regions,
