@@ -381,8 +381,8 @@ def test_the_retrain_job_trains_no_larger_than_its_images(tmp_path):
 
 
 def test_a_training_with_few_validation_images_returns_its_last_epoch(small_dataset, tmp_path):
-    """One or two validation images cannot rank epochs (on the real bench one image's score picked
-    epoch 40 of 165): below TRAIN_BEST_MIN_VAL_IMAGES the last epoch is the model, else best.pt."""
+    """One or two validation images cannot rank epochs (bench/results/real-selection.md): below
+    TRAIN_BEST_MIN_VAL_IMAGES the last epoch is the model, else best.pt."""
     data, items = small_dataset
     config = TrainConfig(steps=2, batch=2, imgsz=256, warmup_steps=0, time_budget=0)
     assert config.best_min_val_images == 3

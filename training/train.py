@@ -256,8 +256,8 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
     val_images = len(val_items) if val_items else _count_files(Path(data_yaml).parent / "images" / "val")
     best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
     if val_images < config.best_min_val_images and Path(trainer.last).exists():
-        # one or two images cannot rank epochs: on the real bench one 10-tooth image's score picked
-        # epoch 40 of 165; the time-compressed schedule ends on the most trained epoch
+        # one or two images cannot rank epochs (bench/results/real-selection.md); the
+        # time-compressed schedule ends on the most trained epoch
         best = Path(trainer.last)
     epochs_run = int(trainer.epoch) + 1
     stopped_by = "budget" if budget.cut else ("steps" if epochs_run >= epochs else "patience")
