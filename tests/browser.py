@@ -84,46 +84,61 @@ def open_task(base_url: str, email: str, password: str, project: int, task: int,
         wait.until(lambda d: "/user/login" not in d.current_url)
         driver.get(f"{base_url}/projects/{project}/data?task={task}")
 
-        def listed(d):  # the regions list renders the rows in view (a virtual list): their labels
-            texts = [e.text.strip() for e in d.find_elements(By.CSS_SELECTOR, ".lsf-outliner-item__title")]
-            return [t for t in texts if t] or False
+        # The editor re-renders its lists while it loads (a virtual regions list), so what it shows is
+        # read in one script call each time: no element handle is kept that a re-render would make stale.
+        def listed(d):  # the regions list renders the rows in view: their labels
+            return [t for t in d.execute_script(_REGION_LABELS) if t] or False
 
         labels = wait.until(listed)
-        canvas = max(driver.find_elements(By.TAG_NAME, "canvas"), key=lambda c: c.size["width"] * c.size["height"])
         deadline = time.monotonic() + timeout
         while True:  # the masks are painted after the list: wait for colour on the image canvas
-            fraction = _colored_fraction(driver, canvas)
+            fraction = _colored_fraction(driver)
             if fraction > 0.01 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(screenshot))
         places, hotkeys = {}, {}
-        brush_labels = driver.find_elements(By.CSS_SELECTOR, ".lsf-labels")[0]
-        for element in brush_labels.find_elements(By.CSS_SELECTOR, ".lsf-label"):
-            text = element.find_element(By.CSS_SELECTOR, ".lsf-label__text").text.strip()
-            places[text] = (element.rect["x"], element.rect["y"])
-            keys = element.find_elements(By.CSS_SELECTOR, ".lsf-label__hotkey")
-            hotkeys[text] = keys[0].text.strip() if keys else ""
+        for text, x, y, key in driver.execute_script(_BRUSH_LABELS):
+            places[text] = (x, y)
+            hotkeys[text] = key
         selected = {}
         for key in press:
             ActionChains(driver).send_keys(key).perform()
-            wait.until(lambda d: brush_labels.find_elements(By.CSS_SELECTOR, ".lsf-label_selected"))
-            chosen = brush_labels.find_element(By.CSS_SELECTOR, ".lsf-label_selected .lsf-label__text").text.strip()
-            selected[key] = chosen
+            selected[key] = wait.until(lambda d: d.execute_script(_SELECTED_LABEL))
         return EditorView(labels=listed(driver) or labels, colored_fraction=fraction, screenshot=screenshot,
                           label_places=places, hotkeys=hotkeys, selected_by_key=selected)
     finally:
         driver.quit()
 
 
-def _colored_fraction(driver, canvas) -> float:
+_REGION_LABELS = """return Array.from(document.querySelectorAll('.lsf-outliner-item__title'),
+                                   e => e.innerText.trim());"""
+_BRUSH_LABELS = """const panel = document.querySelector('.lsf-labels');
+return Array.from(panel ? panel.querySelectorAll('.lsf-label') : [], e => {
+  const r = e.getBoundingClientRect(), key = e.querySelector('.lsf-label__hotkey');
+  return [e.querySelector('.lsf-label__text').innerText.trim(), r.x, r.y, key ? key.innerText.trim() : ''];
+});"""
+_SELECTED_LABEL = """const e = document.querySelector('.lsf-labels .lsf-label_selected .lsf-label__text');
+return e ? e.innerText.trim() : null;"""
+_LARGEST_CANVAS = """let best = null, area = 0;
+for (const c of document.querySelectorAll('canvas')) {
+  const r = c.getBoundingClientRect();
+  if (r.width * r.height > area) { area = r.width * r.height; best = [r.x, r.y, r.width, r.height]; }
+}
+return best;"""
+
+
+def _colored_fraction(driver) -> float:
+    """Share of the largest canvas's on-screen pixels drawn in colour."""
     import cv2
 
+    rect = driver.execute_script(_LARGEST_CANVAS)
     png = np.frombuffer(driver.get_screenshot_as_png(), np.uint8)
+    if rect is None:
+        return 0.0
     image = cv2.imdecode(png, cv2.IMREAD_COLOR)
-    x, y = int(canvas.location["x"]), int(canvas.location["y"])
-    w, h = int(canvas.size["width"]), int(canvas.size["height"])
+    x, y, w, h = (int(v) for v in rect)
     crop = image[max(y, 0):y + h, max(x, 0):x + w]
     if crop.size == 0:
         return 0.0
