@@ -312,6 +312,24 @@ def train_and_score(sim: RealProject, project: int, name: str, keys: list[str]) 
     return record
 
 
+def rescore(sim: RealProject, models_from: Path, project: int, name: str) -> RunRecord:
+    """`name`'s model as trained in `models_from` (another run's --work), scored with this run's
+    settings: for settings used only when predicting; the record keeps that training's figures."""
+    from dataclasses import replace
+
+    from backend.registry import Registry
+
+    trained = load(name, models_from)
+    if trained is None:
+        raise SystemExit(f"--models-from {models_from}: no run {name} there")
+    versions = Registry(models_from / "models").versions(project)
+    weights = versions[-1].weights  # a first model's project has the one version it trained
+    rows = score_model(sim, pipelines_for(sim, weights))
+    sim.log(f"{name}: {weights} scored again; recall {recall(rows):.3f}, IA {mean(rows, 'ia'):.3f}, "
+            f"instance Dice {mean(rows, 'instance_dice'):.3f}")
+    return replace(trained, rows=rows)
+
+
 def recall(rows: list[ImageRow]) -> float:
     return sum(r.found for r in rows) / max(sum(r.teeth for r in rows), 1)
 
@@ -332,7 +350,8 @@ def headline(rows: list[ImageRow], minutes: float) -> dict[str, float]:
 # --- storage -------------------------------------------------------------------------------
 
 SETTINGS_FILE = "settings.json"
-"""In a selection run's --work: the --set pairs it ran with."""
+"""In a selection run's --work: the --set pairs it ran with (and [MODELS_FROM, work] with --models-from)."""
+MODELS_FROM = "--models-from"
 
 
 def save(record: RunRecord, work: Path) -> None:
@@ -374,9 +393,13 @@ def run(args: argparse.Namespace, split: Split, data: RealData, log) -> None:
         for n in args.sizes:
             name = first_name(n, draw)
             if load(name, args.work) is None:
-                record = train_and_score(sim, 1000 + 10 * n + draw, name, draw_images(pool, n, draw))
+                project = 1000 + 10 * n + draw
+                if args.models_from:
+                    record = rescore(sim, args.models_from, project, name)
+                else:
+                    record = train_and_score(sim, project, name, draw_images(pool, n, draw))
                 save(record, args.work)
-        if draw == 0 and args.rounds:
+        if draw == 0 and args.rounds and not args.models_from:  # --models-from scores first models only
             run_loop(args, sim, pool, log)
 
 
@@ -584,10 +607,11 @@ def runs_in(work: Path) -> dict[str, RunRecord]:
 def side_by_side(works: list[Path], settings: dict[Path, str]) -> list[str]:
     """A table of the first-model runs of `works`, each draw with its difference (after the slash)
     from the first work's run on the same draw (the same annotated images), a mean row per size."""
-    keys = ("recall", "numbered_right", "ia", "instance_dice", "union_dice")
+    keys = ("recall", "extra_per_image", "numbered_right", "ia", "instance_dice", "union_dice", "actions_per_image")
+    digits = {k: 2 if k.endswith("per_image") else 3 for k in keys}
     base = runs_in(works[0])
-    lines = ["| work | settings | run | train min | epochs | teeth found | numbered right | IA | inst Dice "
-             "| union Dice |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| work | settings | run | train min | epochs | teeth found | extra/img | numbered right | IA "
+             "| inst Dice | union Dice | actions/img |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for work in works:
         by_size: dict[str, list[tuple[str, RunRecord]]] = {}
         for name, record in runs_in(work).items():
@@ -600,12 +624,12 @@ def side_by_side(works: list[Path], settings: dict[Path, str]) -> list[str]:
                 b = headline(ref.rows, ref.seconds / 60) if ref and work != works[0] else None
                 heads.append(h)
                 diffs += [{k: h[k] - b[k] for k in keys}] if b else []
-                cells = [f"{h[k]:.3f}" + (f" / {h[k] - b[k]:+.3f}" if b else "") for k in keys]
+                cells = [f"{h[k]:.{digits[k]}f}" + (f" / {h[k] - b[k]:+.{digits[k]}f}" if b else "") for k in keys]
                 lines.append(f"| {work.name} | {settings[work]} | {name} | {h['train_minutes']:.1f} "
                              f"| {record.epochs} | " + " | ".join(cells) + " |")
             if len(heads) > 1:
-                cells = [f"{np.mean([h[k] for h in heads]):.3f}"
-                         + (f" / {np.mean([d[k] for d in diffs]):+.3f}" if diffs else "") for k in keys]
+                cells = [f"{np.mean([h[k] for h in heads]):.{digits[k]}f}"
+                         + (f" / {np.mean([d[k] for d in diffs]):+.{digits[k]}f}" if diffs else "") for k in keys]
                 lines.append(f"| **{work.name}** | | **{size}, mean of {len(heads)}** "
                              f"| {np.mean([h['train_minutes'] for h in heads]):.1f} | | " + " | ".join(cells) + " |")
     return lines
@@ -633,7 +657,8 @@ def selection_report(works: list[Path], command: str) -> list[str]:
         path = work / SETTINGS_FILE
         pairs = json.loads(path.read_text()) if path.exists() else []
         differ = differences(list(runs_in(work).values()))
-        return (", ".join(f"{k}={v}" for k, v in pairs) or "the defaults") + (
+        return (", ".join(f"models of {v}" if k == MODELS_FROM else f"{k}={v}" for k, v in pairs)
+                or "the defaults") + (
             f" (trained with {', '.join(differ)}: not today's defaults)" if differ else "")
 
     return ["# Settings chosen on the pool (UFBA-425 selection runs, `--on pool`)", "", f"Command: {command}",
@@ -688,6 +713,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, metavar="WORK",
                         help="an earlier run's --work folder (e.g. before a default changed): the report puts its "
                              "first models and this run's side by side, draw by draw")
+    parser.add_argument("--models-from", type=Path, metavar="WORK",
+                        help="with --on pool: score the first models trained in WORK (another selection run) with "
+                             "this run's settings instead of training (settings used only when predicting: "
+                             "SCORE_THRESHOLD, DETECTOR_CONF, ...)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real.md")
     args = parser.parse_args(argv)
     args.work = args.work.resolve()
@@ -702,6 +731,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.set and args.on != "pool":
         parser.error("--set is for selection runs (--on pool): the report on the test images uses the defaults")
     args.train_env = tuple(tuple(kv.split("=", 1)) for kv in args.set)
+    if args.models_from:
+        args.models_from = args.models_from.resolve()
+        if args.on != "pool":
+            parser.error("--models-from is for selection runs (--on pool)")
+        if trains := [k for k, _ in args.train_env if k.startswith("TRAIN_")]:
+            parser.error(f"--models-from scores models already trained: {', '.join(trains)} would not apply")
     if args.smoke:
         args.sizes, args.draws, args.rounds, args.per_round, args.loop_pool, args.loop_from = [2, 4], 1, 1, 2, 4, 4
         args.train_env += (("TRAIN_STEPS", "4"), ("TRAIN_WARM_STEPS", "2"), ("TRAIN_IMGSZ", "160"),
@@ -720,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     split = Split(pool, test, data.failed)
     if args.on == "pool" and not args.report_only:
         args.work.mkdir(parents=True, exist_ok=True)
-        (args.work / SETTINGS_FILE).write_text(json.dumps([list(kv) for kv in args.train_env]) + "\n")
+        pairs = [list(kv) for kv in args.train_env] + ([[MODELS_FROM, args.models_from.name]] if args.models_from else [])
+        (args.work / SETTINGS_FILE).write_text(json.dumps(pairs) + "\n")
     if not args.report_only:
         run(args, split, data, log)
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]

@@ -58,6 +58,17 @@ def test_smoke_run_writes_the_report(tmp_path):
                             "--work", str(tmp_path / "work"), "--commit", "test"], cwd=REPO, capture_output=True,
                            text=True, timeout=900)
     assert again.returncode == 0 and "retrain job" not in again.stderr  # a rerun trains nothing it has
+    rescored = subprocess.run([sys.executable, "bench/bench_real.py", "--data", str(tmp_path / "ufba"), "--smoke",
+                               "--on", "pool", "--models-from", str(tmp_path / "work"), "--set", "SCORE_THRESHOLD=0.01",
+                               "--work", str(tmp_path / "rescored"), "--commit", "test"], cwd=REPO,
+                              capture_output=True, text=True, timeout=900)
+    assert rescored.returncode == 0 and "retrain job" not in rescored.stderr, rescored.stderr[-3000:]
+    for name in ("first-02-draw0", "first-04-draw0"):  # the same trainings, scored again on the pool's validation
+        trained, scored = bench_real.load(name, tmp_path / "work"), bench_real.load(name, tmp_path / "rescored")
+        assert (scored.seconds, scored.epochs, scored.annotated) == (trained.seconds, trained.epochs, trained.annotated)
+        assert {r.name for r in scored.rows}.isdisjoint(r.name for r in trained.rows)
+    selection = bench_real.selection_report([tmp_path / "rescored"], "cmd")
+    assert any("SCORE_THRESHOLD=0.01" in line and "models of work" in line for line in selection)
 
 
 def _record(name: str, found: int, seconds: float = 60.0) -> "bench_real.RunRecord":
