@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PipelineOptions:
-    """min_score: weakest tooth score numbered (SCORE_THRESHOLD); prior_weight, occlusal_weight, arch_search:
+    """min_score: weakest tooth score numbered (SCORE_THRESHOLD); fallback_score: the weakest on an image
+    where no candidate reaches min_score (SCORE_FALLBACK; 0: none); prior_weight, occlusal_weight, arch_search:
     the numbering's anatomical priors (`backend.numbering`); hungarian: False numbers each
     candidate by its top class (ablation); use_sam: refine with SAM
     when a refiner is loaded; refine_masks: redraw YOLO's masks on the image, with the model's learned
@@ -28,6 +29,7 @@ class PipelineOptions:
     each crop with its mirror image."""
 
     min_score: float = 0.5
+    fallback_score: float = 0.0
     prior_weight: float = PRIOR_WEIGHT
     occlusal_weight: float = OCCLUSAL_WEIGHT
     arch_search: bool = True
@@ -41,7 +43,16 @@ class PipelineOptions:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "PipelineOptions":
         """The options the backend serves with (SCORE_THRESHOLD, MASK_REFINE), then `overrides`."""
-        return cls(**{"min_score": settings.score_threshold, "refine_masks": settings.mask_refine, **overrides})
+        return cls(**{"min_score": settings.score_threshold, "fallback_score": settings.score_fallback,
+                      "refine_masks": settings.mask_refine, **overrides})
+
+
+def image_min_score(tooth: np.ndarray | None, min_score: float, fallback_score: float) -> float:
+    """The weakest tooth score one image's pre-annotation keeps: `min_score`, or `fallback_score` when
+    none of the image's candidates reaches it (tooth scores only: other weights keep `min_score`)."""
+    if tooth is None or fallback_score <= 0 or np.any(np.asarray(tooth) >= min_score):
+        return min_score
+    return min(fallback_score, min_score)
 
 
 class Pipeline:
@@ -63,11 +74,12 @@ class Pipeline:
             candidates = self.detector.forward(x, image.pixels.shape[:2])
         with timer.stage("numbering"):
             tooth = candidates.tooth if self.detector.tooth_column is not None else None
+            min_score = image_min_score(tooth, opts.min_score, opts.fallback_score)
             if opts.hungarian:
-                numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, opts.min_score, tooth,
+                numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, min_score, tooth,
                                         opts.occlusal_weight, opts.arch_search, opts.midline_weight)
             else:
-                numbered = argmax_labels(candidates.probs, opts.min_score, tooth)
+                numbered = argmax_labels(candidates.probs, min_score, tooth)
         with timer.stage("masks"):
             indices = [a.index for a in numbered]
             masks = candidates.masks(indices, image.pixels if opts.refine_masks else None, opts.mask_refiner,

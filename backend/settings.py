@@ -56,6 +56,10 @@ class Settings:
     score_threshold: float = _setting("SCORE_THRESHOLD", "0.5", float,
         "Candidates whose tooth score is below this are neither numbered nor pre-annotated (models with the tooth "
         "super-class; for other YOLOv8-seg weights: their numbering confidence).")
+    score_fallback: float = _setting("SCORE_FALLBACK", "0", float,
+        "An image where no candidate's tooth score reaches SCORE_THRESHOLD is pre-annotated with its candidates "
+        "scoring at least this instead (a young model is least sure on unusual images, e.g. few teeth); 0: such an "
+        "image gets no region.")
     detector_conf: float = _setting("DETECTOR_CONF", "0.05", float,
         "YOLO candidate confidence before numbering (low on purpose: numbering decides).")
     mask_refine: bool = _setting("MASK_REFINE", "true", _bool,

@@ -7,6 +7,8 @@ with the simulated oracle, and the masks by source, on UFBA-425 (expert per-toot
     .venv/bin/python bench/bench_real.py --data DIR --on pool --set TRAIN_FLIPLR=0.5 --work bench/.cache/real-flip
     .venv/bin/python bench/bench_real.py --data DIR --selection bench/.cache/real-pool bench/.cache/real-flip
     .venv/bin/python bench/bench_real.py --data DIR --work bench/.cache/real-v2 --before bench/.cache/real
+    .venv/bin/python bench/bench_real.py --data DIR --on pool --models-from bench/.cache/real-pool-v2 \\
+        --set SCORE_THRESHOLD=0.4 --work bench/.cache/real-pool-score0.4   # scored again, no training
 
 DIR is a checkout of github.com/devichand579/Instance_seg_teeth or its Dataset/bb_u_net_dataset
 folder (`toothseg convert --from ufba` reads the same layout). The images are split once, by a
@@ -32,6 +34,8 @@ before a default changed) adds its first models to the report, draw by draw besi
   overall; the wrong numbers by position shift; training minutes and epochs.
 - Masks by source on the teeth found: the detector's own masks, the learned refiner's (what is
   served), and SAM's where `--sam-checkpoint` is given: Dice against the expert's mask.
+- `--models-from WORK`: the first models another run trained, scored and gated again with this
+  run's settings (a setting used only when predicting needs no training).
 - Loop: from draw 0's 8-image model, each round pre-annotates `--loop-pool` pool images, the
   oracle corrects the `--per-round` most confident (`training.oracle`: actions per image) and the
   retrain job runs on all annotated images (warm start, the product's warm length).
@@ -288,6 +292,7 @@ class RunRecord:
     rows: list[ImageRow]
     picked_actions: dict[str, float] = field(default_factory=dict)  # loop: the oracle's work on the round's picks
     hyperparameters: dict = field(default_factory=dict)  # the TrainConfig the job trained with (registry meta)
+    gate: str = ""  # the gate's reason (registry meta)
 
 
 def train_and_score(sim: RealProject, project: int, name: str, keys: list[str]) -> RunRecord:
@@ -306,7 +311,8 @@ def train_and_score(sim: RealProject, project: int, name: str, keys: list[str]) 
     rows = score_model(sim, pipelines_for(sim, registry.get(project, summary["version"]).weights))
     record = RunRecord(name, list(keys), summary["status"] == "promoted", summary["seconds"],
                        int(meta.get("epochs_run") or 0), int(meta.get("steps_run") or 0),
-                       str(meta.get("stopped_by") or ""), rows, hyperparameters=dict(meta.get("hyperparameters") or {}))
+                       str(meta.get("stopped_by") or ""), rows, hyperparameters=dict(meta.get("hyperparameters") or {}),
+                       gate=str(meta.get("gate") or ""))
     sim.log(f"{name}: {summary['status']} after {record.seconds:.0f} s; held-out recall "
             f"{recall(rows):.3f}, IA {mean(rows, 'ia'):.3f}, instance Dice {mean(rows, 'instance_dice'):.3f}")
     return record
@@ -324,10 +330,27 @@ def rescore(sim: RealProject, models_from: Path, project: int, name: str) -> Run
         raise SystemExit(f"--models-from {models_from}: no run {name} there")
     versions = Registry(models_from / "models").versions(project)
     weights = versions[-1].weights  # a first model's project has the one version it trained
+    decision = gate_again(sim, weights, trained.annotated)
     rows = score_model(sim, pipelines_for(sim, weights))
-    sim.log(f"{name}: {weights} scored again; recall {recall(rows):.3f}, IA {mean(rows, 'ia'):.3f}, "
-            f"instance Dice {mean(rows, 'instance_dice'):.3f}")
-    return replace(trained, rows=rows)
+    sim.log(f"{name}: {weights} scored again; {decision.reason}; recall {recall(rows):.3f}, "
+            f"IA {mean(rows, 'ia'):.3f}, instance Dice {mean(rows, 'instance_dice'):.3f}")
+    return replace(trained, rows=rows, promoted=decision.promote, gate=decision.reason)
+
+
+def gate_again(sim: RealProject, weights: Path, annotated: list[str]):
+    """The first-model gate on `weights` with this run's settings, on the validation images the
+    retrain job held out (`training.dataset.split_train_val` of the task ids, as the job splits them)."""
+    from backend.pipeline import PipelineOptions
+    from training.dataset import split_train_val
+    from training.evaluate import evaluate_weights, gate
+
+    for key in annotated:
+        sim.add(key)
+    _, val_ids = split_train_val(sorted(sim.task_ids[k] for k in annotated), sim.settings.val_fraction)
+    val = [sim.item(k) for k in annotated if sim.task_ids[k] in set(val_ids)]
+    evaluation = evaluate_weights(weights, val, PipelineOptions.from_settings(sim.settings, use_sam=False),
+                                  sim.config.device)
+    return gate(evaluation, None, sim.settings.gate_tolerance, annotated=len(annotated))
 
 
 def recall(rows: list[ImageRow]) -> float:
@@ -504,6 +527,8 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
              "Training: the product's retrain job (`training.jobs.run_round`) with its defaults (TRAIN_* unset: the "
              "9-minute budget), trained from scratch; pre-annotation with the product's defaults. A first model the "
              "gate did not promote is scored as trained (promoted column)."
+             + (f" The models are those `{args.models_from.name}`'s run trained (`--models-from`: training minutes and "
+                "epochs are that run's), scored and gated again with this run's settings." if args.models_from else "")
              + (f" Settings over the defaults: {', '.join(f'{k}={v}' for k, v in args.train_env)}."
                 if args.train_env else ""),
              "Found: a region matched one to one (Hungarian on IoU) to an expert's tooth with IoU >= 0.3; extra: "
@@ -714,9 +739,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an earlier run's --work folder (e.g. before a default changed): the report puts its "
                              "first models and this run's side by side, draw by draw")
     parser.add_argument("--models-from", type=Path, metavar="WORK",
-                        help="with --on pool: score the first models trained in WORK (another selection run) with "
-                             "this run's settings instead of training (settings used only when predicting: "
-                             "SCORE_THRESHOLD, DETECTOR_CONF, ...)")
+                        help="score (and gate) the first models trained in WORK (another run of the same --on) "
+                             "with this run's settings instead of training them: for settings used only when "
+                             "predicting (SCORE_THRESHOLD, SCORE_FALLBACK, DETECTOR_CONF)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real.md")
     args = parser.parse_args(argv)
     args.work = args.work.resolve()
@@ -733,8 +758,6 @@ def main(argv: list[str] | None = None) -> int:
     args.train_env = tuple(tuple(kv.split("=", 1)) for kv in args.set)
     if args.models_from:
         args.models_from = args.models_from.resolve()
-        if args.on != "pool":
-            parser.error("--models-from is for selection runs (--on pool)")
         if trains := [k for k, _ in args.train_env if k.startswith("TRAIN_")]:
             parser.error(f"--models-from scores models already trained: {', '.join(trains)} would not apply")
     if args.smoke:
@@ -755,7 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     split = Split(pool, test, data.failed)
     if args.on == "pool" and not args.report_only:
         args.work.mkdir(parents=True, exist_ok=True)
-        pairs = [list(kv) for kv in args.train_env] + ([[MODELS_FROM, args.models_from.name]] if args.models_from else [])
+        pairs = [list(kv) for kv in args.train_env]
+        pairs += [[MODELS_FROM, args.models_from.name]] if args.models_from else []
         (args.work / SETTINGS_FILE).write_text(json.dumps(pairs) + "\n")
     if not args.report_only:
         run(args, split, data, log)

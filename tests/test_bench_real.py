@@ -67,6 +67,7 @@ def test_smoke_run_writes_the_report(tmp_path):
         trained, scored = bench_real.load(name, tmp_path / "work"), bench_real.load(name, tmp_path / "rescored")
         assert (scored.seconds, scored.epochs, scored.annotated) == (trained.seconds, trained.epochs, trained.annotated)
         assert {r.name for r in scored.rows}.isdisjoint(r.name for r in trained.rows)
+        assert trained.gate and scored.gate.startswith("first model")  # the gate decided again, as the job would
     selection = bench_real.selection_report([tmp_path / "rescored"], "cmd")
     assert any("SCORE_THRESHOLD=0.01" in line and "models of work" in line for line in selection)
 

@@ -81,6 +81,29 @@ def test_uncertain_number_is_kept_by_its_tooth_score():
     assert [a.score for a in kept] == [0.8, 0.9, 0.9]
 
 
+def test_an_image_where_no_tooth_reaches_the_threshold_gets_its_fallback_candidates():
+    from backend.images import XrayImage
+    from backend.pipeline import Pipeline, PipelineOptions, image_min_score
+
+    model = ToothSegModel("yolov8n-seg.yaml", nc=53).eval()
+    model.names = class_names(tooth_class=True)
+    head = model.model[-1]
+    with torch.no_grad():  # every candidate's tooth score about 0.3: below the threshold, above the fallback
+        for seq in head.cv3:
+            seq[-1].bias[:] = -4.0
+            seq[-1].bias[52] = float(np.log(0.3 / 0.7))
+    image = XrayImage.of(np.full((128, 256), 100, np.uint8), "unsure")
+    options = dict(min_score=0.4, use_sam=False, refine_masks=False)
+    detector = Detector(model, imgsz=256, conf=0.05)
+    assert Pipeline(detector, None, PipelineOptions(**options, fallback_score=0.0)).run(image) == []
+    regions = Pipeline(detector, None, PipelineOptions(**options, fallback_score=0.2)).run(image)
+    assert regions and all(0.2 <= r.score < 0.4 for r in regions)
+    # an image with one candidate at the threshold keeps the threshold; weights without tooth scores too
+    assert image_min_score(np.array([0.3, 0.4]), 0.4, 0.2) == 0.4
+    assert image_min_score(np.array([0.3, 0.35]), 0.4, 0.2) == 0.2
+    assert image_min_score(None, 0.4, 0.2) == 0.4
+
+
 def test_guided_filter_snaps_a_coarse_mask_to_the_edges():
     image = np.zeros((80, 80), np.float32)
     image[20:60, 25:55] = 0.8  # a bright tooth on a dark background
