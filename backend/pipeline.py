@@ -28,8 +28,8 @@ class PipelineOptions:
     them to the image's edges (`backend.detector.guided_filter`); refiner_mirror: the refiner averages
     each crop with its mirror image."""
 
-    min_score: float = 0.5
-    fallback_score: float = 0.0
+    min_score: float = 0.4
+    fallback_score: float = 0.2
     prior_weight: float = PRIOR_WEIGHT
     occlusal_weight: float = OCCLUSAL_WEIGHT
     arch_search: bool = True

@@ -53,10 +53,10 @@ class Settings:
         "SAM image embeddings kept in memory (LRU, about 4 MB each).")
     embedding_cache_dir: Path | None = _setting("EMBEDDING_CACHE_DIR", "", _path,
         "Folder for SAM image embeddings on disk (keyed by image hash and checkpoint). Empty: memory only.")
-    score_threshold: float = _setting("SCORE_THRESHOLD", "0.5", float,
+    score_threshold: float = _setting("SCORE_THRESHOLD", "0.4", float,
         "Candidates whose tooth score is below this are neither numbered nor pre-annotated (models with the tooth "
         "super-class; for other YOLOv8-seg weights: their numbering confidence).")
-    score_fallback: float = _setting("SCORE_FALLBACK", "0", float,
+    score_fallback: float = _setting("SCORE_FALLBACK", "0.2", float,
         "An image where no candidate's tooth score reaches SCORE_THRESHOLD is pre-annotated with its candidates "
         "scoring at least this instead (a young model is least sure on unusual images, e.g. few teeth); 0: such an "
         "image gets no region.")
