@@ -202,13 +202,26 @@ def occlusal_cost(boxes: np.ndarray, probs: np.ndarray) -> np.ndarray:
 def number_teeth(boxes: np.ndarray, probs: np.ndarray, prior_weight: float = PRIOR_WEIGHT,
                  min_score: float = 0.25, tooth: np.ndarray | None = None,
                  occlusal_weight: float = OCCLUSAL_WEIGHT, arch_search: bool = True,
-                 midline_weight: float = MIDLINE_WEIGHT) -> list[Assignment]:
+                 midline_weight: float = MIDLINE_WEIGHT, anchor_score: float | None = None) -> list[Assignment]:
     """Give each candidate at most one FDI label and each label at most one candidate.
 
     boxes: (n, 4) x1, y1, x2, y2 pixels; probs: (n, 52) class probabilities (FDI class order);
     tooth: (n,) tooth scores or None; the weights and `arch_search`: module docstring. Returns
-    assignments sorted by label order, weak candidates dropped.
+    assignments sorted by label order, weak candidates dropped. anchor_score (with tooth scores,
+    above min_score): the candidates scoring at least this are numbered first, on their own; the
+    weaker ones then take the labels left (`_number_weak`), so they cannot move a confident
+    tooth's number. Without a candidate that strong, all are numbered together.
     """
+    if tooth is not None and anchor_score is not None and anchor_score > min_score:
+        scores = np.asarray(tooth, dtype=np.float64).reshape(-1)
+        strong = number_teeth(boxes, probs, prior_weight, anchor_score, scores, occlusal_weight, arch_search,
+                              midline_weight)
+        weak = np.flatnonzero((scores >= min_score) & (scores < anchor_score))
+        if strong and len(weak):
+            out = strong + _number_weak(boxes, probs, scores, strong, weak, prior_weight, occlusal_weight)
+            return sorted(out, key=lambda a: fdi.CLASS_INDEX[a.label])
+        if strong:
+            return strong
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     probs = np.asarray(probs, dtype=np.float64).reshape(len(boxes), len(fdi.FDI_LABELS))
     index = np.arange(len(boxes))
@@ -242,6 +255,35 @@ def number_teeth(boxes: np.ndarray, probs: np.ndarray, prior_weight: float = PRI
         out = [Assignment(int(r), fdi.FDI_LABELS[c], float(probs[r, c]))
                for r, c in zip(rows, cols) if probs[r, c] >= min_score]
     return sorted(out, key=lambda a: fdi.CLASS_INDEX[a.label])
+
+
+def _number_weak(boxes: np.ndarray, probs: np.ndarray, tooth: np.ndarray, strong: list[Assignment],
+                 weak: np.ndarray, prior_weight: float, occlusal_weight: float) -> list[Assignment]:
+    """The labels `strong` left, given to the `weak` candidates (indices) by the Hungarian algorithm
+    on the same costs: -log p, the occlusal plane of all of them, and the order along the arch lines
+    fitted to the strong candidates' labels."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(boxes), len(fdi.FDI_LABELS))
+    rows = np.concatenate([[a.index for a in strong], weak]).astype(int)
+    b = boxes[rows]
+    p = np.clip(probs[rows], 1e-9, None)
+    p = p / p.sum(axis=1, keepdims=True)
+    cost = -np.log(p)
+    if occlusal_weight > 0:
+        cost = cost + occlusal_weight * occlusal_cost(b, p)
+    if prior_weight > 0:
+        cx = (b[:, 0] + b[:, 2]) / 2.0
+        labels = np.array([fdi.CLASS_INDEX[a.label] for a in strong])
+        prior = np.zeros_like(cost)
+        for upper in (True, False):
+            on_arch = _UPPER[labels] == upper
+            fit = fit_arch(cx[:len(strong)][on_arch], _COORD[labels[on_arch]], np.ones(on_arch.sum()))
+            if fit is not None:
+                prior[:, _UPPER == upper] = _arch_misfit(cx, upper, *fit)
+        cost = cost + prior_weight * prior
+    free = np.setdiff1d(np.arange(len(fdi.FDI_LABELS)), [fdi.CLASS_INDEX[a.label] for a in strong])
+    r, c = linear_sum_assignment(cost[len(strong):][:, free])
+    return [Assignment(int(weak[i]), fdi.FDI_LABELS[free[j]], float(tooth[weak[i]])) for i, j in zip(r, c)]
 
 
 def argmax_labels(probs: np.ndarray, min_score: float = 0.25, tooth: np.ndarray | None = None) -> list[Assignment]:

@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PipelineOptions:
-    """min_score: weakest tooth score numbered (SCORE_THRESHOLD); fallback_score: the weakest on an image
-    where no candidate reaches min_score (SCORE_FALLBACK; 0: none); prior_weight, occlusal_weight, arch_search:
+    """min_score: weakest tooth score numbered (SCORE_THRESHOLD); anchor_score: the candidates numbered
+    first, the weaker ones taking the labels left (SCORE_ANCHOR; None: all together); fallback_score: the
+    weakest on an image where no candidate reaches min_score (SCORE_FALLBACK; 0: none); prior_weight, occlusal_weight, arch_search:
     the numbering's anatomical priors (`backend.numbering`); hungarian: False numbers each
     candidate by its top class (ablation); use_sam: refine with SAM
     when a refiner is loaded; refine_masks: redraw YOLO's masks on the image, with the model's learned
@@ -29,6 +30,7 @@ class PipelineOptions:
     each crop with its mirror image."""
 
     min_score: float = 0.4
+    anchor_score: float | None = 0.5
     fallback_score: float = 0.2
     prior_weight: float = PRIOR_WEIGHT
     occlusal_weight: float = OCCLUSAL_WEIGHT
@@ -43,7 +45,8 @@ class PipelineOptions:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "PipelineOptions":
         """The options the backend serves with (SCORE_THRESHOLD, MASK_REFINE), then `overrides`."""
-        return cls(**{"min_score": settings.score_threshold, "fallback_score": settings.score_fallback,
+        return cls(**{"min_score": settings.score_threshold, "anchor_score": settings.score_anchor,
+                      "fallback_score": settings.score_fallback,
                       "refine_masks": settings.mask_refine, **overrides})
 
 
@@ -77,7 +80,7 @@ class Pipeline:
             min_score = image_min_score(tooth, opts.min_score, opts.fallback_score)
             if opts.hungarian:
                 numbered = number_teeth(candidates.boxes, candidates.probs, opts.prior_weight, min_score, tooth,
-                                        opts.occlusal_weight, opts.arch_search, opts.midline_weight)
+                                        opts.occlusal_weight, opts.arch_search, opts.midline_weight, opts.anchor_score)
             else:
                 numbered = argmax_labels(candidates.probs, min_score, tooth)
         with timer.stage("masks"):

@@ -56,6 +56,9 @@ class Settings:
     score_threshold: float = _setting("SCORE_THRESHOLD", "0.4", float,
         "Candidates whose tooth score is below this are neither numbered nor pre-annotated (models with the tooth "
         "super-class; for other YOLOv8-seg weights: their numbering confidence).")
+    score_anchor: float = _setting("SCORE_ANCHOR", "0.5", float,
+        "Candidates whose tooth score is at least this are numbered first, on their own; the weaker ones kept "
+        "(SCORE_THRESHOLD and up) then take the labels left, so they cannot move a confident tooth's number.")
     score_fallback: float = _setting("SCORE_FALLBACK", "0.2", float,
         "An image where no candidate's tooth score reaches SCORE_THRESHOLD is pre-annotated with its candidates "
         "scoring at least this instead (a young model is least sure on unusual images, e.g. few teeth); 0: such an "

@@ -75,6 +75,7 @@ PREDICTION_VARIANTS: dict[str, dict] = {
     "arg-max labels (no Hungarian assignment)": {"hungarian": False},
     "tooth-score threshold 0.5 (SCORE_THRESHOLD before)": {"min_score": 0.5},
     "tooth-score threshold 0.25": {"min_score": 0.25},
+    "all candidates numbered together (no SCORE_ANCHOR)": {"anchor_score": None},
     "no fallback for images without a candidate over the threshold (SCORE_FALLBACK=0)": {"fallback_score": 0.0},
     "learned mask refiner without its mirror pass": {"refiner_mirror": False},
     "guided filter instead of the learned mask refiner": {"mask_refiner": False},
