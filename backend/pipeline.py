@@ -20,14 +20,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PipelineOptions:
     """min_score: weakest tooth score numbered (SCORE_THRESHOLD); anchor_score: the candidates numbered
-    first, the weaker ones taking the labels left (SCORE_ANCHOR; None: all together); fallback_score: the
-    weakest on an image where no candidate reaches min_score (SCORE_FALLBACK; 0: none); prior_weight, occlusal_weight, arch_search:
-    the numbering's anatomical priors (`backend.numbering`); hungarian: False numbers each
-    candidate by its top class (ablation); use_sam: refine with SAM
-    when a refiner is loaded; refine_masks: redraw YOLO's masks on the image, with the model's learned
-    mask refiner (`backend.mask_refiner`) when it has one and `mask_refiner` is on, else by snapping
-    them to the image's edges (`backend.detector.guided_filter`); refiner_mirror: the refiner averages
-    each crop with its mirror image."""
+    first, the weaker ones taking the labels left (SCORE_ANCHOR; None: all together); fallback_score:
+    the weakest on an image where no candidate reaches min_score (SCORE_FALLBACK; 0: none);
+    prior_weight, occlusal_weight, arch_search: the numbering's anatomical priors
+    (`backend.numbering`); hungarian: False numbers each candidate by its top class (ablation);
+    use_sam: refine with SAM when a refiner is loaded; refine_masks: redraw YOLO's masks on the
+    image, with the model's learned mask refiner (`backend.mask_refiner`) when it has one and
+    `mask_refiner` is on, else by snapping them to the image's edges
+    (`backend.detector.guided_filter`); refiner_mirror: the refiner averages each crop with its mirror image."""
 
     min_score: float = 0.4
     anchor_score: float | None = 0.5
