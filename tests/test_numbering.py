@@ -193,3 +193,24 @@ def test_occlusal_cost_values():
     assert np.all(cost[i16, upper_milk] == 0)  # an erupted crown: no bud cost
     assert cost[i12, fdi.CLASS_INDEX["82"]] == 2
     assert np.all(occlusal_cost(boxes[:3], probs[:3]) == 0)  # one arch only: no curve
+
+
+def test_a_weak_candidate_cannot_move_a_confident_tooths_number():
+    """SCORE_ANCHOR: candidates at or above anchor_score are numbered first; a weaker one sure of a
+    label a confident tooth holds takes a label left instead of pushing that tooth off its number."""
+    labels = ["14", "13", "12", "11", "21", "22", "23", "24"]
+    x = {label: 1000 + 10 * fdi.arch_coordinate(label) for label in labels}
+    boxes = [[x[label] - 30, 100, x[label] + 30, 260] for label in labels] + [[x["11"] - 20, 100, x["11"] + 40, 260]]
+    probs = np.full((len(boxes), 52), 0.005)
+    for i, label in enumerate(labels):
+        probs[i, fdi.CLASS_INDEX[label]] = 0.5
+    probs[-1, fdi.CLASS_INDEX["11"]] = 0.95  # weak (tooth score 0.45), beside the 11, and sure it is one
+    tooth = np.array([0.9] * len(labels) + [0.45])
+    together = {a.index: a.label for a in number_teeth(np.array(boxes), probs, min_score=0.4, tooth=tooth)}
+    assert together[8] == "11" and together[3] != "11"  # numbered together, the weak one takes the 11
+    anchored = {a.index: a.label for a in number_teeth(np.array(boxes), probs, min_score=0.4, tooth=tooth,
+                                                       anchor_score=0.5)}
+    assert [anchored[i] for i in range(len(labels))] == labels
+    assert anchored[8] not in labels  # kept, on a label the confident teeth left
+    alone = number_teeth(np.array(boxes), probs, min_score=0.4, tooth=np.full(len(boxes), 0.45), anchor_score=0.5)
+    assert len(alone) == len(boxes)  # none that strong: all numbered together
