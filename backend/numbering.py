@@ -34,9 +34,11 @@ were chosen on the candidates of trained models: `bench/bench_numbering.py`,
 Which candidates are teeth: with tooth scores (a detector with the tooth super-class,
 `backend.detector`), candidates whose tooth score is below `min_score` are dropped before the
 assignment, and the class probabilities only choose the label (each row normalised to sum 1), so
-a tooth whose number is uncertain is still kept; its score is the tooth score. Without them (any
-YOLOv8-seg with FDI classes), a candidate is dropped when its assigned probability is below
-`min_score`, and that probability is its score.
+a tooth whose number is uncertain is still kept; its score is the tooth score. With `anchor_score`
+(SCORE_ANCHOR) above `min_score`, the candidates scoring at least it are numbered first, alone, and
+the weaker ones take the labels they left: a weak duplicate sure of a label cannot push a confident
+tooth off it. Without tooth scores (any YOLOv8-seg with FDI classes), a candidate is dropped when
+its assigned probability is below `min_score`, and that probability is its score.
 """
 from __future__ import annotations
 
