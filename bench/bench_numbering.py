@@ -124,17 +124,20 @@ def real_candidate_sets(work: Path, data: Path):
 
 def numbering_errors(rows, kwargs: dict | None, min_score: float | None = None) -> float:
     """Numbering errors per image of one variant on one model's candidates (module docstring), of
-    the candidates with a tooth score >= `min_score` (default: the product's SCORE_THRESHOLD)."""
+    the candidates with a tooth score >= `min_score` (default: the product's SCORE_THRESHOLD), those
+    from SCORE_ANCHOR up numbered first as the product does (unless `kwargs` says otherwise)."""
     import torch
     from scipy.optimize import linear_sum_assignment
     from torchvision.ops import box_iou
 
     from backend.instance import mask_box
+    from backend.settings import Settings
 
+    settings = Settings.from_env({})
     if min_score is None:
-        from backend.settings import Settings
-
-        min_score = Settings.from_env({}).score_threshold
+        min_score = settings.score_threshold
+    if kwargs is not None:
+        kwargs = {"anchor_score": settings.score_anchor, **kwargs}
     wrong = 0
     for (boxes, probs, tooth), masks in rows:
         if kwargs is None:
