@@ -594,7 +594,9 @@ def format_report(config: SimConfig, results: Sequence[SeedResult], command: str
               f"{train.fliplr:g}, time budget {train.time_budget:g} min per job, mask refiner "
               f"{train.refiner_steps} steps ({train.refiner_warm_steps} warm). Pre-annotation: detector, numbering "
               "of the candidates with a tooth "
-              f"score >= {settings.score_threshold:g} (SCORE_THRESHOLD), YOLO masks redrawn by the learned mask "
+              f"score >= {settings.score_threshold:g} (SCORE_THRESHOLD; those >= {settings.score_anchor:g} numbered "
+              f"first, SCORE_ANCHOR; >= {settings.score_fallback:g} on an image without any, SCORE_FALLBACK), YOLO "
+              "masks redrawn by the learned mask "
               "refiner (with its mirror pass), "
               + ("no SAM (no SAM checkpoint given)" if config.sam_checkpoint is None else f"SAM {config.sam}")
               + ". Every number: median (min-max) over the seeds.", "",
