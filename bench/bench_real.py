@@ -347,7 +347,7 @@ def gate_again(sim: RealProject, weights: Path, annotated: list[str]):
     for key in annotated:
         sim.add(key)
     _, val_ids = split_train_val(sorted(sim.task_ids[k] for k in annotated), sim.settings.val_fraction)
-    val = [sim.item(k) for k in annotated if sim.task_ids[k] in set(val_ids)]
+    val = [sim.item(k) for k in annotated if sim.task_ids[k] in val_ids]
     evaluation = evaluate_weights(weights, val, PipelineOptions.from_settings(sim.settings, use_sam=False),
                                   sim.config.device)
     return gate(evaluation, None, sim.settings.gate_tolerance, annotated=len(annotated))
