@@ -104,7 +104,8 @@ def detections(weights: Path, images) -> list:
 
 def real_candidate_sets(work: Path, data: Path):
     """(model name, [(candidates, gt masks)]) for each model a `bench_real.py --on pool` run in
-    `work` trained, on the pool's validation images (the split that run scored on)."""
+    `work` trained (its last version, promoted or not), on the pool's validation images (the split
+    that run scored on)."""
     import bench_real
 
     from backend.registry import Registry
@@ -114,12 +115,13 @@ def real_candidate_sets(work: Path, data: Path):
     images = [(name, item.pixels(), item.masks) for name in validation if (item := real.get(name)) is not None]
     registry = Registry(work / "models")
     for project_dir in sorted((work / "models" / "projects").iterdir(), key=lambda p: int(p.name)):
-        current = registry.current(int(project_dir.name))
-        if current is None:
+        versions = registry.versions(int(project_dir.name))  # a first model's project: its one version,
+        if not versions:  # promoted or not (bench_real scores it either way)
             continue
-        counts = current.meta.get("counts") or {}
-        yield (f"{work.name} project {project_dir.name} {current.version.split('-')[0]}: "
-               f"{counts.get('train', 0) + counts.get('val', 0)} images, real"), detections(current.weights, images)
+        last = versions[-1]
+        counts = last.meta.get("counts") or {}
+        yield (f"{work.name} project {project_dir.name} {last.version.split('-')[0]}: "
+               f"{counts.get('train', 0) + counts.get('val', 0)} images, real"), detections(last.weights, images)
 
 
 def numbering_errors(rows, kwargs: dict | None, min_score: float | None = None) -> float:

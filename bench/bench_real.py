@@ -342,15 +342,15 @@ def gate_again(sim: RealProject, weights: Path, annotated: list[str]):
     retrain job held out (`training.dataset.split_train_val` of the task ids, as the job splits them)."""
     from backend.pipeline import PipelineOptions
     from training.dataset import split_train_val
-    from training.evaluate import evaluate_weights, gate
+    from training.evaluate import gate_weights
 
     for key in annotated:
         sim.add(key)
     _, val_ids = split_train_val(sorted(sim.task_ids[k] for k in annotated), sim.settings.val_fraction)
     val = [sim.item(k) for k in annotated if sim.task_ids[k] in val_ids]
-    evaluation = evaluate_weights(weights, val, PipelineOptions.from_settings(sim.settings, use_sam=False),
-                                  sim.config.device)
-    return gate(evaluation, None, sim.settings.gate_tolerance, annotated=len(annotated))
+    train = [sim.item(k) for k in annotated if sim.task_ids[k] not in val_ids]
+    return gate_weights(weights, None, val, train, PipelineOptions.from_settings(sim.settings, use_sam=False),
+                        sim.config.device, sim.settings.gate_tolerance, annotated=len(annotated))
 
 
 def recall(rows: list[ImageRow]) -> float:
@@ -635,8 +635,8 @@ def side_by_side(works: list[Path], settings: dict[Path, str]) -> list[str]:
     keys = ("recall", "extra_per_image", "numbered_right", "ia", "instance_dice", "union_dice", "actions_per_image")
     digits = {k: 2 if k.endswith("per_image") else 3 for k in keys}
     base = runs_in(works[0])
-    lines = ["| work | settings | run | train min | epochs | teeth found | extra/img | numbered right | IA "
-             "| inst Dice | union Dice | actions/img |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| work | settings | run | promoted | train min | epochs | teeth found | extra/img | numbered right | IA "
+             "| inst Dice | union Dice | actions/img |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for work in works:
         by_size: dict[str, list[tuple[str, RunRecord]]] = {}
         for name, record in runs_in(work).items():
@@ -650,14 +650,26 @@ def side_by_side(works: list[Path], settings: dict[Path, str]) -> list[str]:
                 heads.append(h)
                 diffs += [{k: h[k] - b[k] for k in keys}] if b else []
                 cells = [f"{h[k]:.{digits[k]}f}" + (f" / {h[k] - b[k]:+.{digits[k]}f}" if b else "") for k in keys]
-                lines.append(f"| {work.name} | {settings[work]} | {name} | {h['train_minutes']:.1f} "
+                lines.append(f"| {work.name} | {settings[work]} | {name} | {'yes' if record.promoted else 'no'} "
+                             f"| {h['train_minutes']:.1f} "
                              f"| {record.epochs} | " + " | ".join(cells) + " |")
             if len(heads) > 1:
                 cells = [f"{np.mean([h[k] for h in heads]):.{digits[k]}f}"
                          + (f" / {np.mean([d[k] for d in diffs]):+.{digits[k]}f}" if diffs else "") for k in keys]
-                lines.append(f"| **{work.name}** | | **{size}, mean of {len(heads)}** "
+                promoted = sum(record.promoted for _, record in records)
+                lines.append(f"| **{work.name}** | | **{size}, mean of {len(heads)}** | {promoted} of {len(records)} "
                              f"| {np.mean([h['train_minutes'] for h in heads]):.1f} | | " + " | ".join(cells) + " |")
     return lines
+
+
+def gate_decisions(works: list[Path]) -> list[str]:
+    """Each first model's gate decision in `works`, as the registry (or `--models-from`) recorded it."""
+    lines = ["## Gate decisions", ""]
+    for work in works:
+        for name, record in runs_in(work).items():
+            lines.append(f"- {work.name} {name}: {'promoted' if record.promoted else 'not promoted'}"
+                         + (f": {record.gate}" if record.gate else ""))
+    return lines + [""]
 
 
 def before_and_after(before: Path, after: Path) -> list[str]:
@@ -691,7 +703,7 @@ def selection_report(works: list[Path], command: str) -> list[str]:
             f"Each run: the pool alone, split again (seed {SPLIT_SEED + 1}) into images to annotate and validation "
             "images; the held-out test images are not used. Figures on the validation images; the difference "
             f"(after the slash) is to the first row's run on the same draw (`{works[0].name}`).", "",
-            *side_by_side(works, {work: settings(work) for work in works})]
+            *side_by_side(works, {work: settings(work) for work in works}), "", *gate_decisions(works)]
 
 
 def data_commit(src: Path) -> str:

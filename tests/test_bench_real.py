@@ -88,15 +88,19 @@ def test_selection_pairs_each_draw_with_the_baselines_same_draw(tmp_path):
     (other / bench_real.SETTINGS_FILE).write_text(json.dumps([["TRAIN_FLIPLR", "0.5"]]))
     earlier = bench_real.load("first-08-draw1", base)  # trained before a default changed
     earlier.hyperparameters = {"fliplr": 0.25, "best_min_val_images": 3}
+    earlier.promoted, earlier.gate = False, "first model not promoted: it would cost work"
     bench_real.save(earlier, base)
     lines = bench_real.selection_report([base, other], "cmd")
     rows = {(cells[0], cells[2]): cells for line in lines if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("|").split("|")]] if len(cells) > 3}
     assert rows[("base", "first-08-draw0")][1] == "the defaults (trained with fliplr=0.25: not today's defaults)"
     assert rows[("flip", "first-08-draw0")][1] == "TRAIN_FLIPLR=0.5"
-    assert rows[("flip", "first-08-draw0")][5] == "0.600 / +0.100"  # teeth found, paired with draw 0
-    assert rows[("flip", "first-08-draw1")][5] == "0.900 / +0.200"
-    assert rows[("**flip**", "**first-08, mean of 2**")][5] == "0.750 / +0.150"
+    assert rows[("flip", "first-08-draw0")][6] == "0.600 / +0.100"  # teeth found, paired with draw 0
+    assert rows[("flip", "first-08-draw1")][6] == "0.900 / +0.200"
+    assert rows[("**flip**", "**first-08, mean of 2**")][6] == "0.750 / +0.150"
+    assert [rows[("base", f"first-08-draw{d}")][3] for d in (0, 1)] == ["yes", "no"]
+    assert rows[("**base**", "**first-08, mean of 2**")][3] == "1 of 2"
+    assert "- base first-08-draw1: not promoted: first model not promoted: it would cost work" in lines
 
 
 def test_the_report_says_when_its_runs_did_not_train_with_todays_defaults():
@@ -136,6 +140,6 @@ def test_before_and_after_pairs_the_same_draws_and_names_what_the_before_run_tra
             for cells in [[c.strip() for c in line.strip("|").split("|")]] if len(cells) > 3}
     assert rows[("real", "first-08-draw0")][1] == "trained with best_min_val_images=0, fliplr=0.0, imgsz=640"
     assert rows[("real-v2", "first-08-draw0")][1] == "today's defaults"
-    assert rows[("real-v2", "first-08-draw0")][5] == "0.800 / +0.300"
-    assert rows[("real-v2", "first-08-draw1")][5] == "0.600 / -0.100"
-    assert rows[("**real-v2**", "**first-08, mean of 2**")][5] == "0.700 / +0.100"
+    assert rows[("real-v2", "first-08-draw0")][6] == "0.800 / +0.300"
+    assert rows[("real-v2", "first-08-draw1")][6] == "0.600 / -0.100"
+    assert rows[("**real-v2**", "**first-08, mean of 2**")][6] == "0.700 / +0.100"

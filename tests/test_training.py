@@ -22,7 +22,7 @@ from backend.yolo_model import ToothSegModel, proto_stride_of
 from conftest import REPO, register_model
 from training.data.dataset_io import mask_polygon, yolo_label_lines
 from training.dataset import split_train_val, write_yolo_dataset
-from training.evaluate import Evaluation, evaluate_weights, gate
+from training.evaluate import Evaluation, evaluate_weights, first_model_verdict, gate, gate_weights
 from training.ops.history import format_table, plot_history, version_rows
 from training.metrics import Scores
 from training.model_changes import LargeBoxBboxLoss, area_weight
@@ -151,24 +151,77 @@ def test_worse_candidate_is_not_promoted(small_dataset, tmp_path, trained_weight
     assert registry.history("1")[-1]["event"] == "rejected" and "worse" in registry.history("1")[-1]["reason"]
 
 
-def evaluation(identified: int, wrong: int, teeth: int = 28, per_tooth=None, dice: float = 0.8) -> Evaluation:
+def evaluation(identified: int, wrong: int, teeth: int = 28, per_tooth=None, dice: float = 0.8,
+               misnumbered: int = 0) -> Evaluation:
+    """`misnumbered` of the `wrong` regions are teeth (IoU > 0.5) with another number."""
     ia = identified / max(teeth + wrong, 1)
     scores = Scores(0.8, 0.7, 0.8, dice * identified / teeth, 0.6, 0.7, ia)
     per_tooth = per_tooth if per_tooth is not None else [(dice + 1) / 2] * identified + [0.0] * (teeth - identified)
-    return Evaluation(scores, 1, teeth, identified, wrong, tuple(per_tooth))
+    return Evaluation(scores, 1, teeth, identified, wrong, tuple(per_tooth), identified + misnumbered,
+                      wrong - misnumbered)
 
 
 def test_gate_first_model_must_show_that_it_saves_work():
     nothing = gate(evaluation(0, 0), None, annotated=8)
-    assert not nothing.promote and "identified 0 of 28" in nothing.reason
+    assert not nothing.promote and "0 of its 0 region(s)" in nothing.reason
     assert "annotate more images (8 so far)" in nothing.advice
-    assert not gate(evaluation(0, 12), None).promote  # only wrong regions
+    assert not gate(evaluation(0, 12), None).promote  # only stray regions
     assert not gate(evaluation(3, 0), None).promote  # 3 of 3 right: p = 0.125, too little evidence
     assert gate(evaluation(5, 0), None).promote  # p = 0.031
     assert gate(evaluation(20, 8), None).promote  # p = 0.018
-    assert not gate(evaluation(10, 12), None).promote  # more wrong than right
+    assert not gate(evaluation(10, 12), None).promote  # more stray than teeth
     promoted = gate(evaluation(26, 1), None)
-    assert promoted.promote and promoted.advice == "" and "first model: identified 26 of 28" in promoted.reason
+    assert promoted.promote and promoted.advice == "" and "identified with the right number: 26 of 28" in promoted.reason
+
+
+def test_gate_first_model_counts_a_misnumbered_tooth_as_saved_drawing():
+    # 2 right, 8 teeth with a neighbour's number (one missed tooth shifts them), 1 stray: the masks
+    # save drawing 10 teeth; counting the misnumbered ones as wrong would reject it (2 against 9)
+    shifted = evaluation(2, 9, misnumbered=8)
+    assert first_model_verdict(shifted) is True
+    decision = gate(shifted, None)
+    assert decision.promote and "10 of its 11 region(s)" in decision.reason, decision.reason
+    assert not gate(evaluation(2, 9), None).promote  # 9 stray regions: no
+
+
+def test_gate_first_model_whose_validation_cannot_decide_is_judged_on_its_training_images():
+    learned = evaluation(170, 9, teeth=196)  # 7 training images
+    # the one validation image got no region, or a few stray ones: no evidence either way
+    for undecided in (evaluation(0, 0, teeth=10), evaluation(0, 2, teeth=11), evaluation(3, 0),
+                      evaluation(0, 5, teeth=11, misnumbered=3)):
+        assert first_model_verdict(undecided) is None
+        decision = gate(undecided, None, fit=learned)
+        assert decision.promote and "cannot tell" in decision.reason, decision.reason
+        assert "identified 170 of 196 teeth" in decision.reason
+    # a model that has not learned its own training images is not promoted on them
+    for unlearned in (evaluation(0, 0, teeth=196), evaluation(60, 20, teeth=196), evaluation(110, 120, teeth=196)):
+        decision = gate(evaluation(0, 0, teeth=10), None, annotated=8, fit=unlearned)
+        assert not decision.promote and "has not learned" in decision.reason, decision.reason
+        assert "annotate more images (8 so far)" in decision.advice
+    # validation that shows it costs work rejects whatever the training images say
+    for costly in (evaluation(0, 12), evaluation(2, 14)):
+        assert first_model_verdict(costly) is False
+        decision = gate(costly, None, fit=learned)
+        assert not decision.promote and "would cost work" in decision.reason
+    # validation that shows it saves work needs no training images
+    assert first_model_verdict(evaluation(20, 8)) is True
+    assert gate(evaluation(20, 8), None, fit=evaluation(0, 0, teeth=196)).promote
+
+
+def test_gate_weights_judges_a_first_model_on_its_training_images_when_validation_cannot(trained_weights):
+    from dataclasses import replace
+
+    learned = [generate(3100 + i, (640, 320)).item(f"t{i}") for i in range(3)]
+    blank = [replace(item, name=f"blank-{item.name}", image=np.zeros_like(item.image)) for item in learned]
+    options = PipelineOptions(use_sam=False)
+    # the validation image is blank (no region, no evidence): the training images decide
+    promoted = gate_weights(trained_weights, None, blank[:1], learned, options)
+    assert promoted.promote and "training image" in promoted.reason, promoted.reason
+    rejected = gate_weights(trained_weights, None, blank[:1], blank[1:], options, annotated=3)
+    assert not rejected.promote and "has not learned" in rejected.reason, rejected.reason
+    # validation that decides: the training images are not scored (they would reject here)
+    decided = gate_weights(trained_weights, None, learned, blank, options)
+    assert decided.promote and "training" not in decided.reason, decided.reason
 
 
 def test_gate_later_candidates_tooth_by_tooth():

@@ -34,7 +34,7 @@ from backend.process import lower_priority
 from backend.settings import Settings
 from training.data.dataset_io import DatasetItem
 from training.dataset import split_train_val, write_yolo_dataset
-from training.evaluate import Evaluation, GateDecision, evaluate_weights, gate
+from training.evaluate import Evaluation, GateDecision, gate_weights
 from training.export import AnnotatedTask, ExportError, annotated_tasks, export_annotation_keys, export_project, \
     load_labeled_images, manifest_for
 from training.ops.ls_status import LabelStudioStatus
@@ -45,7 +45,8 @@ from training.train import TrainConfig, TrainResult, train_model
 logger = logging.getLogger("toothseg.retrain")
 
 EVALUATION_RESERVE_S = 20.0
-"""Seconds of the budget kept for scoring and storing (plus EVALUATION_S_PER_IMAGE per validation image)."""
+"""Seconds of the budget kept for scoring and storing (plus EVALUATION_S_PER_IMAGE per image scored: the
+validation images by each model the gate compares, a first model's training images too)."""
 EVALUATION_S_PER_IMAGE = 1.0
 
 
@@ -238,17 +239,17 @@ def gate_step(settings: Settings, candidate: Path, current: ModelVersion | None,
     val = data.val_images
     report("evaluate", f"scoring candidate{' and ' + current.version if current else ''} on {len(val)} "
                        f"validation images")
-    options = PipelineOptions.from_settings(settings, use_sam=False)
-    candidate_eval = evaluate_weights(candidate, val, options, settings.device)
-    current_eval = evaluate_weights(current.weights, val, options, settings.device) if current else None
-    return gate(candidate_eval, current_eval, settings.gate_tolerance, annotated=annotated)
+    return gate_weights(candidate, current.weights if current else None, val, data.train_images,
+                        PipelineOptions.from_settings(settings, use_sam=False), settings.device,
+                        settings.gate_tolerance, annotated)
 
 
 def _metrics(evaluation: Evaluation | None) -> dict[str, float] | None:
     if evaluation is None:
         return None
     return evaluation.scores.as_dict() | {"primary": evaluation.scores.primary, "teeth": evaluation.teeth,
-                                          "identified": evaluation.identified, "wrong": evaluation.wrong}
+                                          "identified": evaluation.identified, "wrong": evaluation.wrong,
+                                          "usable": evaluation.usable, "stray": evaluation.stray}
 
 
 def store_step(registry: Registry, project: str, job_id: str, result: TrainResult, decision: GateDecision,
@@ -318,7 +319,9 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     work = (settings.work_dir or settings.model_dir / ".work") / project / job_id
     data = dataset_step(settings, exported, work, current, config, report)
     config = config.fitted(data.longest_side)
-    reserve = EVALUATION_RESERVE_S + EVALUATION_S_PER_IMAGE * len(data.val_images) * (2 if current else 1)
+    # scored: the validation images by candidate and current model; a first model maybe on its train images too
+    scored = len(data.val_images) * 2 if current else len(data.val_images) + len(data.train_images)
+    reserve = EVALUATION_RESERVE_S + EVALUATION_S_PER_IMAGE * scored
     refiner_reserve = reserve_seconds(config.refiner_steps, len(data.train_images), config.device)
     result = train_step(settings, data, work, current, config, deadline and deadline - reserve - refiner_reserve,
                         report)
