@@ -20,8 +20,8 @@ validation images a project of 8 annotated images has (about 28 teeth each):
   model that has learned nothing is never promoted, and a good one is not thrown away because
   its one validation image was too hard to tell. On UFBA-425's pool (`bench/bench_real.py --on
   pool`) the gate that counted only teeth with the right number rejected 8-image first models
-  that identified 78-79% of the teeth of 54 unseen radiographs (IA), for no region or a few
-  misnumbered teeth on their 11-tooth validation image. A model that is not promoted is stored
+  with IA 0.78-0.79 on 54 unseen radiographs, for a few misnumbered teeth and no right one on
+  their 11-tooth validation image. A model that is not promoted is stored
   with the reason, and the job says what to do next.
 - A later candidate is promoted unless its primary score (mean of instance Dice and IA,
   `training.metrics.Scores.primary`) is lower than the current model's by more than
