@@ -35,6 +35,7 @@ class Mutation:
 
 FD, IMG, SEC, RQ, PROMO = "backend/front_door.py", "backend/images.py", "backend/security.py", \
     "backend/retrain_queue.py", "backend/registry.py"
+EVAL = "training/evaluate.py"
 T_FD, T_HARD, T_RQ, T_TRAIN = "tests/test_front_door.py", "tests/test_hardening.py", "tests/test_retrain_queue.py", \
     "tests/test_training.py"
 
@@ -135,9 +136,19 @@ MUTATIONS = [
              'staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=base))',
              'staging = base / version; staging.mkdir()',
              (f"{T_TRAIN}::test_killed_training_leaves_the_current_model_untouched",)),
-    Mutation("first-model-gate", "a first model must show that it saves work to be promoted", "training/evaluate.py",
-             "        if c.identified > 0 and p < alpha:", "        if True:",
+    Mutation("first-model-gate", "a first model must show that it saves work to be promoted", EVAL,
+             "    if candidate.usable > 0 and _sign_test(candidate.usable, candidate.stray) < alpha:", "    if True:",
              (f"{T_TRAIN}::test_gate_first_model_must_show_that_it_saves_work",)),
+    Mutation("first-model-costs", "a first model whose validation shows more stray regions than teeth is not "
+             "promoted, whatever its training images show", EVAL,
+             "    if _sign_test(candidate.stray, candidate.usable) < alpha:\n        return False\n", "",
+             (f"{T_TRAIN}::test_gate_first_model_whose_validation_cannot_decide_is_judged_on_its_training_images",)),
+    Mutation("first-model-fit", "a first model its validation cannot judge is promoted only if it identifies its "
+             "training teeth", EVAL,
+             "    learned = (fit.identified >= FIT_MIN_IDENTIFIED * fit.teeth",
+             "    learned = True or (fit.identified >= FIT_MIN_IDENTIFIED * fit.teeth",
+             (f"{T_TRAIN}::test_gate_first_model_whose_validation_cannot_decide_is_judged_on_its_training_images",
+              f"{T_TRAIN}::test_gate_weights_judges_a_first_model_on_its_training_images_when_validation_cannot")),
     Mutation("preannotate-leftovers", "the background pass finishes a task a killed pass left half replaced",
              "training/preannotate.py", "    for task_id, olds in leftovers.items():",
              "    for task_id, olds in {}.items():", ("tests/test_e2e_preannotate.py::test_background_preannotation",)),
