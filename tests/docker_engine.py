@@ -131,6 +131,7 @@ class Engine:
         args = ["--build-arg", f"BASE={base}", "--label", f"org.toothseg.standin-recipe={recipe}"]
         if repository == "heartexlabs/label-studio":
             args += ["--build-arg", f"LABEL_STUDIO_VERSION={name.rsplit(':', 1)[1]}",
+                     "--build-arg", f"LABEL_STUDIO_PINS={' '.join(setup_pins('LABEL_STUDIO_PINS'))}",
                      "--build-arg", f"PIP_FIND_LINKS={wheels_url}", "--build-arg", "PIP_NO_INDEX=1"]
         empty = self.run_dir / "empty-context"
         empty.mkdir(exist_ok=True)
@@ -157,6 +158,7 @@ def standin_recipe(name: str) -> str:
     h = hashlib.sha1(name.encode())
     for path in sorted(STANDINS.glob("*.Dockerfile")):
         h.update(path.read_bytes())
+    h.update(" ".join(setup_pins("LABEL_STUDIO_PINS")).encode())
     return h.hexdigest()[:16]
 
 
@@ -171,15 +173,19 @@ def debian_mirror() -> str:
 
 
 # --- what the builds download, served from this machine -------------------------------------
+def setup_pins(name: str) -> list[str]:
+    """The requirement pins scripts/setup installs under `name` (TORCH_PINS, LABEL_STUDIO_PINS)."""
+    setup = (REPO / "scripts" / "setup").read_text()
+    return re.search(name + r'=\$\{' + name + r':-"([^"]+)"\}', setup).group(1).split()
+
+
 def wheel_requirements(label_studio_version: str) -> list[list[str]]:
     """Requirement sets of the wheelhouse: toothseg's dependencies with the torch that scripts/setup
-    installs, and the Label Studio release of the stand-in."""
+    installs, and the Label Studio release of the stand-in with setup's pins for it."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    setup = (REPO / "scripts" / "setup").read_text()
-    torch_pins = re.search(r'TORCH_PINS=\$\{TORCH_PINS:-"([^"]+)"\}', setup).group(1).split()
-    return [project["project"]["dependencies"] + project["build-system"]["requires"] + torch_pins,
+    return [project["project"]["dependencies"] + project["build-system"]["requires"] + setup_pins("TORCH_PINS"),
             # Debian 12's Python is 3.11.2: redis asks for async-timeout below 3.11.3, the host's Python does not
-            [f"label-studio=={label_studio_version}", "async-timeout>=4.0.3"]]
+            [f"label-studio=={label_studio_version}", "async-timeout>=4.0.3", *setup_pins("LABEL_STUDIO_PINS")]]
 
 
 def build_wheelhouse(label_studio_version: str) -> Path:
