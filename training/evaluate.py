@@ -42,7 +42,7 @@ from backend.detector import Detector
 from backend.images import XrayImage
 from backend.pipeline import Pipeline, PipelineOptions
 from training.data.dataset_io import DatasetItem
-from training.metrics import IA_IOU_THRESHOLD, Scores, dice, iou, mean_scores, score_image
+from training.metrics import IA_IOU_THRESHOLD, Scores, mean_scores, score_image
 
 GATE_ALPHA = 0.05
 """Significance level of the gate's tests."""
@@ -83,17 +83,18 @@ def evaluate_pipeline(pipeline: Pipeline, images: Sequence[DatasetItem], nsd: st
         image = XrayImage.of(item.pixels(), item.name)
         pred = {inst.label: inst.mask for inst in pipeline.run(image)}
         scores.append(score_image(pred, item.masks, nsd=nsd))
-        gt = {label: mask for label, mask in item.masks.items() if mask.any()}
+        gt = {label: mask for label, mask in sorted(item.masks.items()) if mask.any()}
         predicted += len(pred)
-        ious = iou_matrix(list(pred.values()), list(gt.values()))
+        ious = iou_matrix(list(pred.values()), list(gt.values()))  # (predicted, ground truth)
         if ious.size:
             rows, cols = linear_sum_assignment(ious, maximize=True)
             usable += int((ious[rows, cols] > IA_IOU_THRESHOLD).sum())
-        for label in sorted(gt):
-            mask = pred.get(label)
-            found = mask is not None and iou(mask, gt[label]) > IA_IOU_THRESHOLD
+        row_of = {label: i for i, label in enumerate(pred)}
+        for j, label in enumerate(gt):
+            overlap = float(ious[row_of[label], j]) if label in row_of else 0.0
+            found = overlap > IA_IOU_THRESHOLD
             identified += found
-            per_tooth.append(((dice(mask, gt[label]) if mask is not None else 0.0) + found) / 2)
+            per_tooth.append((2 * overlap / (1 + overlap) + found) / 2)  # Dice = 2 IoU / (1 + IoU)
         teeth += len(gt)
     return Evaluation(mean_scores(scores), len(images), teeth, identified, predicted - identified, tuple(per_tooth),
                       usable, predicted - usable)
