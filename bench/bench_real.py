@@ -36,6 +36,9 @@ before a default changed) adds its first models to the report, draw by draw besi
   served), and SAM's where `--sam-checkpoint` is given: Dice against the expert's mask.
 - `--models-from WORK`: the first models another run trained, scored and gated again with this
   run's settings (a setting used only when predicting needs no training).
+- `--idle-rounds K`: after each first model, K more trainings on the same annotated images, each
+  warm-started from the project's current model (the retrain job's warm start and warm length),
+  gated and promoted as any version: what continued training while the worker is idle gives.
 - Loop: from draw 0's 8-image model, each round pre-annotates `--loop-pool` pool images, the
   oracle corrects the `--per-round` most confident (`training.oracle`: actions per image) and the
   retrain job runs on all annotated images (warm start, the product's warm length).
@@ -397,6 +400,10 @@ def first_name(n: int, draw: int) -> str:
     return f"first-{n:02d}-draw{draw}"
 
 
+def idle_name(n: int, draw: int, k: int) -> str:
+    return f"idle{k}-{n:02d}-draw{draw}"
+
+
 def draw_images(pool: list[str], n: int, draw: int) -> list[str]:
     """Draw `draw` of `n` annotated images from the pool (the same for every rerun)."""
     rng = np.random.default_rng([SPLIT_SEED, n, draw])
@@ -422,6 +429,12 @@ def run(args: argparse.Namespace, split: Split, data: RealData, log) -> None:
                 else:
                     record = train_and_score(sim, project, name, draw_images(pool, n, draw))
                 save(record, args.work)
+            if args.models_from:
+                continue
+            annotated = load(name, args.work).annotated
+            for k in range(1, args.idle_rounds + 1):  # the same annotations, warm-started from the current model
+                if load(idle_name(n, draw, k), args.work) is None:
+                    save(train_and_score(sim, 1000 + 10 * n + draw, idle_name(n, draw, k), annotated), args.work)
         if draw == 0 and args.rounds and not args.models_from:  # --models-from scores first models only
             run_loop(args, sim, pool, log)
 
@@ -618,8 +631,50 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
                      f"{p['deleted']:.1f})") if p else "-"
             lines.append(f"| v{k + 1} | {len(r.annotated)} | {picks} | {h['recall']:.3f} | {h['ia']:.3f} "
                          f"| {h['instance_dice']:.3f} | {h['actions_per_image']:.1f} | {h['train_minutes']:.1f} |")
+    idle = idle_rounds(args, firsts)
+    if idle:
+        lines += ["", *idle]
     return lines, {"first_model": table, "data_commit": data_commit, "split_seed": SPLIT_SEED,
                    "pool_images": len(split.pool), "test_images": len(split.test), "command": command}
+
+
+def idle_rounds(args: argparse.Namespace, firsts: dict[int, list[RunRecord]]) -> list[str]:
+    """The idle-rounds section: each round's candidate, and the model each draw serves after it
+    (its latest promoted version), median (min-max) over draws; minutes counted from the first
+    model's start."""
+    rounds = {n: [[r for d in range(args.draws) if (r := load(idle_name(n, d, k), args.work))]
+                  for k in range(1, args.idle_rounds + 1)] for n in args.sizes}
+    if not any(any(rs) for rs in rounds.values()):
+        return []
+    lines = ["## Continued training on the same annotations (`--idle-rounds`)", "",
+             "Each round trains again on the first model's annotated images, warm-started from the project's "
+             "current model (the retrain job's warm length), and the gate decides as for any version. Candidate: "
+             "the round's model; served: what each draw serves after the round (its latest promoted version). "
+             "Minutes: training time summed from the first model on.", "",
+             "| annotated | round | draws | promoted | minutes | candidate found | candidate IA | candidate inst Dice "
+             "| served found | served IA | served inst Dice |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, per_round in rounds.items():
+        draws = {first_name(n, d): [r] for d in range(args.draws) for r in firsts.get(n, []) if r.name ==
+                 first_name(n, d)}
+        for k, records in enumerate([firsts.get(n, [])] + per_round):
+            if not records:
+                continue
+            served, minutes = [], []
+            for r in records:
+                history = draws.setdefault(first_name(n, int(r.name.rsplit("draw", 1)[1])), [])
+                if k:
+                    history.append(r)
+                minutes.append(sum(h.seconds for h in history) / 60)
+                promoted = [h for h in history if h.promoted]
+                if promoted:
+                    served.append(headline(promoted[-1].rows, 0))
+            heads = [headline(r.rows, 0) for r in records]
+            cells = [fmt_spread([h[key] for h in hs]) if hs else "-" for hs in (heads, served)
+                     for key in ("recall", "ia", "instance_dice")]
+            lines.append(f"| {n} | {'first model' if k == 0 else k} | {len(records)} "
+                         f"| {sum(r.promoted for r in records)} of {len(records)} | {fmt_spread(minutes, 1)} | "
+                         + " | ".join(cells) + " |")
+    return lines
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -732,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=8)
     parser.add_argument("--loop-pool", type=int, default=40)
     parser.add_argument("--loop-from", type=int, default=8)
+    parser.add_argument("--idle-rounds", type=int, default=0,
+                        help="after each first model, this many trainings on the same annotations (warm start)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sam-checkpoint", type=Path)
     parser.add_argument("--sam-model-type", default="vit_b")
@@ -774,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--models-from scores models already trained: {', '.join(trains)} would not apply")
     if args.smoke:
         args.sizes, args.draws, args.rounds, args.per_round, args.loop_pool, args.loop_from = [2, 4], 1, 1, 2, 4, 4
+        args.idle_rounds = min(args.idle_rounds, 1)
         args.train_env += (("TRAIN_STEPS", "4"), ("TRAIN_WARM_STEPS", "2"), ("TRAIN_IMGSZ", "160"),
                           ("TRAIN_WARMUP_STEPS", "0"), ("TRAIN_TIME_BUDGET", "0"), ("TRAIN_VAL_STEPS", "2"),
                           ("TRAIN_REFINER_STEPS", "2"), ("TRAIN_REFINER_WARM_STEPS", "2"))

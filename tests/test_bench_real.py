@@ -40,12 +40,12 @@ def test_smoke_run_writes_the_report(tmp_path):
     samples = {f"cate{c}-{i:05d}": generate(10 * c + i, (512, 256)) for c in (1, 10) for i in range(6)}
     write_ufba(tmp_path / "ufba", samples)
     out = subprocess.run([sys.executable, "bench/bench_real.py", "--data", str(tmp_path / "ufba"), "--smoke",
-                          "--work", str(tmp_path / "work"), "--commit", "test"], cwd=REPO, capture_output=True,
-                         text=True, timeout=900)
+                          "--work", str(tmp_path / "work"), "--commit", "test", "--idle-rounds", "1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     report = (tmp_path / "work" / "real.md").read_text()
     for heading in ("## The first model", "## Per category", "## Where the first model loses",
-                    "## Masks by source", "## The loop"):
+                    "## Masks by source", "## The loop", "## Continued training on the same annotations"):
         assert heading in report
     assert "10 pool images, 2 held-out test images" in report
     summary = json.loads((tmp_path / "work" / "real.json").read_text())
@@ -53,10 +53,13 @@ def test_smoke_run_writes_the_report(tmp_path):
     for figures in summary["first_model"].values():
         assert {"recall", "ia", "instance_dice", "union_dice", "train_minutes"} <= set(figures)
     runs = sorted(p.name for p in (tmp_path / "work" / "runs").iterdir())
-    assert runs == ["first-02-draw0.json", "first-04-draw0.json", "loop-round1.json"]
+    assert runs == ["first-02-draw0.json", "first-04-draw0.json", "idle1-02-draw0.json", "idle1-04-draw0.json",
+                    "loop-round1.json"]
+    idle = bench_real.load("idle1-04-draw0", tmp_path / "work")  # the same images, warm-started from the first model
+    assert idle.annotated == bench_real.load("first-04-draw0", tmp_path / "work").annotated
     again = subprocess.run([sys.executable, "bench/bench_real.py", "--data", str(tmp_path / "ufba"), "--smoke",
-                            "--work", str(tmp_path / "work"), "--commit", "test"], cwd=REPO, capture_output=True,
-                           text=True, timeout=900)
+                            "--work", str(tmp_path / "work"), "--commit", "test", "--idle-rounds", "1"], cwd=REPO,
+                           capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "retrain job" not in again.stderr  # a rerun trains nothing it has
     rescored = subprocess.run([sys.executable, "bench/bench_real.py", "--data", str(tmp_path / "ufba"), "--smoke",
                                "--on", "pool", "--models-from", str(tmp_path / "work"), "--set", "SCORE_THRESHOLD=0.01",
@@ -101,6 +104,23 @@ def test_selection_pairs_each_draw_with_the_baselines_same_draw(tmp_path):
     assert [rows[("base", f"first-08-draw{d}")][3] for d in (0, 1)] == ["yes", "no"]
     assert rows[("**base**", "**first-08, mean of 2**")][3] == "1 of 2"
     assert "- base first-08-draw1: not promoted: first model not promoted: it would cost work" in lines
+
+
+def test_idle_rounds_report_what_each_draw_serves_after_each_round(tmp_path):
+    import argparse
+
+    firsts = {8: [_record("first-08-draw0", 5, 500.0), _record("first-08-draw1", 6, 500.0)]}
+    rounds = [_record("idle1-08-draw0", 7, 300.0), _record("idle1-08-draw1", 4, 300.0)]
+    rounds[1].promoted = False  # draw 1's round was worse: it keeps serving its first model
+    for record in rounds:
+        bench_real.save(record, tmp_path)
+    args = argparse.Namespace(sizes=[8], draws=2, idle_rounds=1, work=tmp_path)
+    lines = bench_real.idle_rounds(args, firsts)
+    rows = {cells[1]: cells for line in lines if line.startswith("| 8 ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert rows["first model"][3:6] == ["2 of 2", "8.3 (8.3-8.3)", "0.550 (0.500-0.600)"]
+    assert rows["1"][3:6] == ["1 of 2", "13.3 (13.3-13.3)", "0.550 (0.400-0.700)"]
+    assert rows["1"][8] == "0.650 (0.600-0.700)"  # served: draw 0's round, draw 1's first model
 
 
 def test_the_report_says_when_its_runs_did_not_train_with_todays_defaults():
