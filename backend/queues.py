@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rq import Retry
+from rq import Queue, Retry
 from rq.job import JobStatus
 
 KEY_PREFIX = "toothseg:project:"
@@ -37,3 +37,9 @@ def project_of_key(key: bytes | str) -> str:
     """The project id of a `project_redis_key`."""
     text = key.decode() if isinstance(key, bytes) else key
     return text[len(KEY_PREFIX):].split(":", 1)[0]
+
+
+def others_waiting(conn, settings) -> bool:
+    """Whether a job waits on the training or the pre-annotation queue (a retrain, a project's
+    pre-annotation pass): a running pass yields after its chunk, an idle round at once."""
+    return any(Queue(name, connection=conn).count for name in (settings.train_queue, settings.preannotate_queue))

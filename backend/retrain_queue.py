@@ -157,16 +157,16 @@ class RetrainQueue:
         if snapshot:
             self.redis.srem(project_redis_key(project, "changed"), *snapshot)
 
-    def finish(self, project: str, job: Job, failed: bool = False) -> Decision | None:
+    def finish(self, project: str, job: Job, failed: bool = False, function: str | None = None) -> Decision | None:
         """Called when a job ends. After a success, enqueue the one follow-up if events since its
-        snapshot warrant it (same job function), else release the project. After a final failure
+        snapshot warrant it (`function`, default the job's own), else release the project. After a final failure
         just release it: the next event starts afresh (no retry storm while Label Studio is down)."""
         requested, changed = self.pending(project)
         if not failed and (requested or changed >= self.min_new):
             follow = new_job_id(project)
             if not self._hand_over_script(keys=[project_redis_key(project, "active")], args=[job.id, follow]):
                 return None  # the project is no longer this job's
-            self._enqueue(project, follow, "follow-up: events during the previous run", job.func_name)
+            self._enqueue(project, follow, "follow-up: events during the previous run", function or job.func_name)
             return Decision("enqueued", follow, "follow-up")
         self.release(project, job.id)
         return None

@@ -109,6 +109,12 @@ class Settings:
     train_queue: str = _setting("TRAIN_QUEUE", "toothseg-train", str, "RQ queue of retraining jobs.")
     preannotate_queue: str = _setting("PREANNOTATE_QUEUE", "toothseg-preannotate", str,
         "RQ queue of background pre-annotation (listed after TRAIN_QUEUE by the worker: lower priority).")
+    idle_queue: str = _setting("IDLE_QUEUE", "toothseg-idle", str,
+        "RQ queue of idle training (listed last by the worker: a round starts only when no other job waits).")
+    idle_training_rounds: int = _setting("IDLE_TRAINING_ROUNDS", "0", int,
+        "After a retrain, the worker trains the project's current model up to this many more times on the same "
+        "annotations while nothing else waits (warm start, gated and promoted like any version; a round not "
+        "promoted ends it; a retrain or a pre-annotation pass stops a round at once). 0: off.")
     preannotate_after_promotion: bool = _setting("PREANNOTATE_AFTER_PROMOTION", "true", _bool,
         "After each promotion, pre-annotate every task without annotations in the background.")
     preannotate_chunk: int = _setting("PREANNOTATE_CHUNK", "20", int,

@@ -35,9 +35,10 @@ class Mutation:
 
 FD, IMG, SEC, RQ, PROMO = "backend/front_door.py", "backend/images.py", "backend/security.py", \
     "backend/retrain_queue.py", "backend/registry.py"
-EVAL = "training/evaluate.py"
+EVAL, IDLE = "training/evaluate.py", "training/idle.py"
 T_FD, T_HARD, T_RQ, T_TRAIN = "tests/test_front_door.py", "tests/test_hardening.py", "tests/test_retrain_queue.py", \
     "tests/test_training.py"
+T_IDLE = "tests/test_idle_training.py"
 
 MUTATIONS = [
     Mutation("routes", "only toothseg's four routes are served (label-studio-ml's /train, /versions, ... are 404)",
@@ -149,6 +150,23 @@ MUTATIONS = [
              "    learned = True or (fit.identified >= FIT_MIN_IDENTIFIED * fit.teeth",
              (f"{T_TRAIN}::test_gate_first_model_whose_validation_cannot_decide_is_judged_on_its_training_images",
               f"{T_TRAIN}::test_gate_weights_judges_a_first_model_on_its_training_images_when_validation_cannot")),
+    Mutation("idle-retrain-first", "an idle round stops at once when the project's annotations warrant a retrain",
+             IDLE, "        if requested or changed >= self.queue.min_new:\n            return \"retrain\"",
+             "        if False:\n            return \"retrain\"",
+             (f"{T_IDLE}::test_a_retrain_request_stops_a_running_round_at_once_and_the_retrain_takes_the_project",)),
+    Mutation("idle-yields", "an idle round stops when another job waits, and runs again after it", IDLE,
+             "        if others_waiting(self.conn, self.settings):", "        if False:",
+             (f"{T_IDLE}::test_a_waiting_job_goes_first_and_the_stopped_round_runs_again_after_it",)),
+    Mutation("idle-superseded", "a round queued before a newer chain does not run", IDLE,
+             "        if (self.conn.get(_idle_key(project)) or b\"\").decode() != job.id:",
+             "        if False:",
+             (f"{T_IDLE}::test_idle_rounds_chain_while_promoted_up_to_the_setting_and_end_at_the_first_rejection",)),
+    Mutation("idle-stops-unpromoted", "a round not promoted ends the chain", IDLE,
+             '        elif summary["status"] == "promoted":', "        elif True:",
+             (f"{T_IDLE}::test_idle_rounds_chain_while_promoted_up_to_the_setting_and_end_at_the_first_rejection",)),
+    Mutation("idle-stores-nothing", "an interrupted round stores no version", "training/jobs.py",
+             '    if result.stopped_by == "interrupted" or (interrupt is not None and interrupt()):',
+             "    if False:", (f"{T_IDLE}::test_an_interrupted_round_stops_its_training_and_stores_nothing",)),
     Mutation("preannotate-leftovers", "the background pass finishes a task a killed pass left half replaced",
              "training/preannotate.py", "    for task_id, olds in leftovers.items():",
              "    for task_id, olds in {}.items():", ("tests/test_e2e_preannotate.py::test_background_preannotation",)),

@@ -254,12 +254,13 @@ def worker_env(redis_url: str, **extra) -> dict[str, str]:
 
 @pytest.fixture
 def start_worker(tmp_path):
-    """Start real `rq worker` processes on QUEUE (tests/ importable for test job functions)."""
+    """Start real `rq worker` processes on QUEUE, or on `queues` in priority order (tests/ importable
+    for test job functions)."""
     procs = []
 
-    def start(redis_url: str, **extra) -> subprocess.Popen:
+    def start(redis_url: str, queues: tuple[str, ...] = (QUEUE,), **extra) -> subprocess.Popen:
         log = tmp_path / f"worker-{len(procs)}.log"
-        proc = subprocess.Popen([str(VENV_BIN / "rq"), "worker", QUEUE, "--url", redis_url, "--with-scheduler",
+        proc = subprocess.Popen([str(VENV_BIN / "rq"), "worker", *queues, "--url", redis_url, "--with-scheduler",
                                  "--path", str(REPO / "tests"), "--job-monitoring-interval", "5"], cwd=REPO,
                                 env=worker_env(redis_url, **extra), stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         procs.append(proc)

@@ -77,7 +77,7 @@ def test_compose_and_native_stack_run_the_same_commands_and_variables(compose, t
     services = compose["services"]
     assert services["backend"]["command"] == backend_command("0.0.0.0:9090")
     assert services["worker"]["command"] == worker_command("redis://redis:6379/0", "toothseg-train",
-                                                           "toothseg-preannotate")
+                                                           "toothseg-preannotate", "toothseg-idle")
     assert services["bootstrap"]["command"] == BOOTSTRAP_COMMAND
     for name in ("backend", "worker"):
         assert set(services[name]["environment"]) == set(APP_ENV)
@@ -91,7 +91,7 @@ def test_compose_and_native_stack_run_the_same_commands_and_variables(compose, t
     assert PROCESS_ENV.items() <= native["backend"][1].items() and PROCESS_ENV.items() <= native["worker"][1].items()
     assert [Path(native["backend"][0][0]).name, *native["backend"][0][1:]] == backend_command(stack.backend_url[7:])
     assert [Path(native["worker"][0][0]).name, *native["worker"][0][1:]] == worker_command(
-        stack.redis_url, "toothseg-train", "toothseg-preannotate")
+        stack.redis_url, "toothseg-train", "toothseg-preannotate", "toothseg-idle")
     assert set(APP_ENV) <= set(native["backend"][1]) and set(APP_ENV) <= set(native["worker"][1])
     assert set(LABEL_STUDIO_ENV) <= set(native["label-studio"][1])
     assert "--appendonly" in native["redis"][0]

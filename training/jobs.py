@@ -200,7 +200,7 @@ def dataset_step(settings: Settings, exported: Exported, work: Path, current: Mo
 
 
 def train_step(settings: Settings, data: Dataset, work: Path, current: ModelVersion | None, config: TrainConfig,
-               deadline: float | None, report: Progress) -> TrainResult:
+               deadline: float | None, report: Progress, interrupt: Callable[[], bool] | None = None) -> TrainResult:
     """Train the candidate, warm-started from the current model (else YOLO_WEIGHTS, else from scratch),
     ending by `deadline` (time.monotonic seconds, None: no limit). `config`: with the warm-start
     length already applied (`TrainConfig.warm`) when there is a current model."""
@@ -216,7 +216,7 @@ def train_step(settings: Settings, data: Dataset, work: Path, current: ModelVers
                        on_epoch=lambda e, n, m: report("train", f"epoch {e}/{n}", e / n),
                        val_items=data.val_images, val_options=PipelineOptions.from_settings(settings, use_sam=False),
                        deadline=deadline,
-                       train_images=len(data.train_images))
+                       train_images=len(data.train_images), interrupt=interrupt)
 
 
 def refiner_step(settings: Settings, data: Dataset, result: TrainResult, current: ModelVersion | None,
@@ -296,18 +296,29 @@ def train_config(settings: Settings) -> TrainConfig:
 
 
 def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConfig | None = None,
-                covered: Callable[[Iterable[str]], None] | None = None) -> dict[str, Any]:
+                covered: Callable[[Iterable[str]], None] | None = None,
+                interrupt: Callable[[], bool] | None = None) -> dict[str, Any]:
     """One round of the loop for `project`; returns a summary (also stored in the version's meta).
-    `covered` receives the `annotation_key`s of the exported annotations (see RetrainQueue.run)."""
+    `covered` receives the `annotation_key`s of the exported annotations (see RetrainQueue.run);
+    `interrupt`: see `run_round`."""
     config = config or train_config(settings)
     report = Progress(project, config.time_budget * 60, LabelStudioStatus.for_project(settings, project))
-    return run_round(project, settings, export_step(project, settings, report, covered), job_id, config, report)
+    return run_round(project, settings, export_step(project, settings, report, covered), job_id, config, report,
+                     interrupt)
+
+
+def _interrupted(work: Path, report: Progress, stage: str) -> dict[str, Any]:
+    shutil.rmtree(work, ignore_errors=True)
+    report("done", f"interrupted during {stage}: nothing stored, the current model is unchanged", 1.0, final=True)
+    return {"status": "interrupted", "stage": stage, "seconds": round(time.monotonic() - report.started, 1)}
 
 
 def run_round(project: str, settings: Settings, exported: Exported, job_id: str, config: TrainConfig,
-              report: Progress) -> dict[str, Any]:
+              report: Progress, interrupt: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Everything after the export: dataset, training within the budget (counted from
-    `report.started`), gate, store."""
+    `report.started`), gate, store. `interrupt()` (idle training, `training.idle`) is asked during
+    the training and between the steps: True ends the round at once, storing nothing (status
+    "interrupted")."""
     deadline = report.started + report.budget_s if report.budget_s else None
     registry = Registry(settings.model_dir)
     if len(exported.annotated) < 2:
@@ -324,8 +335,12 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     reserve = EVALUATION_RESERVE_S + EVALUATION_S_PER_IMAGE * scored
     refiner_reserve = reserve_seconds(config.refiner_steps, len(data.train_images), config.device)
     result = train_step(settings, data, work, current, config, deadline and deadline - reserve - refiner_reserve,
-                        report)
+                        report, interrupt)
+    if result.stopped_by == "interrupted" or (interrupt is not None and interrupt()):
+        return _interrupted(work, report, "training")
     refiner = refiner_step(settings, data, result, current, config, deadline and deadline - reserve, report)
+    if interrupt is not None and interrupt():
+        return _interrupted(work, report, "the mask refiner's training")
     decision = gate_step(settings, result.weights, current, data, len(exported.annotated), report)
     version, promoted, reason = store_step(registry, project, job_id, result, decision, data, current, config, report,
                                            refiner)
@@ -358,4 +373,8 @@ def retrain(project: str, reason: str = "") -> dict[str, Any]:
         from training.preannotate import enqueue_preannotation
 
         enqueue_preannotation(job.connection, settings, project, summary["version"])
+    if settings.idle_training_rounds > 0 and Registry(settings.model_dir).current(project) is not None:
+        from training.idle import enqueue_idle_round
+
+        enqueue_idle_round(job.connection, settings, project, 1)  # behind the pre-annotation pass
     return summary

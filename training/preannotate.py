@@ -32,7 +32,7 @@ from rq.job import Job
 from backend.formats import find_target, instances_to_results, task_score
 from backend.images import ImageError, ImageLoader, task_image_url
 from backend.process import lower_priority
-from backend.queues import FAILURE_TTL_S, LIVE_STATUSES, RESULT_TTL_S, RETRY, project_redis_key
+from backend.queues import FAILURE_TTL_S, LIVE_STATUSES, RESULT_TTL_S, RETRY, others_waiting, project_redis_key
 from backend.registry import Registry, project_key
 from backend.runtime import Runtime
 from backend.settings import Settings
@@ -150,12 +150,6 @@ def run_chunk(project: str, version: str, settings: Settings, limit: int, report
     rate = done / max(time.perf_counter() - started, 1e-9) * 60
     return {"status": "continue" if remaining > 0 and len(todo) > limit else "done", "predicted": done,
             "failed": failed, "remaining": max(remaining, 0), "tasks_per_minute": round(rate, 2)}
-
-
-def others_waiting(conn: redis.Redis, settings: Settings) -> bool:
-    """Whether a job waits on the training or the pre-annotation queue (a retrain, another
-    project's pass): the running pass then yields after its chunk."""
-    return any(Queue(name, connection=conn).count for name in (settings.train_queue, settings.preannotate_queue))
 
 
 def preannotate(project: str, version: str) -> dict[str, Any]:

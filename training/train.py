@@ -181,7 +181,7 @@ class TrainResult:
     epochs_run: int
     steps_run: int
     epochs_planned: int
-    stopped_by: str  # "steps", "budget" or "patience"
+    stopped_by: str  # "steps", "budget", "patience" or "interrupted"
 
 
 class _Budget:
@@ -209,17 +209,39 @@ class _Budget:
             trainer.stop = trainer.epoch + 1 >= epochs
 
 
+class _Interrupt:
+    """ultralytics callback: after each batch, stop the run when `interrupt()` says so (asked at most
+    every `every_s` seconds): the epoch ends there and training returns."""
+
+    def __init__(self, interrupt: Callable[[], bool], every_s: float = 1.0):
+        self.interrupt = interrupt
+        self.every_s = every_s
+        self.asked = 0.0
+        self.hit = False
+
+    def __call__(self, trainer) -> None:
+        now = time.monotonic()
+        if self.hit or now - self.asked < self.every_s:
+            return
+        self.asked = now
+        if self.interrupt():
+            self.hit = trainer.stop = True
+
+
 def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float, std: float,
                 warm_start: Path | None = None,
                 on_epoch: Callable[[int, int, dict], None] | None = None,
                 val_items: Sequence = (), val_options=None,
-                deadline: float | None = None, train_images: int | None = None) -> TrainResult:
+                deadline: float | None = None, train_images: int | None = None,
+                interrupt: Callable[[], bool] | None = None) -> TrainResult:
     """Train on `data_yaml`; the run's files go to `run_dir`. `warm_start`: weights to start from.
     `on_epoch(epoch, epochs, metrics)` is called after each epoch. `val_items` (`DatasetItem`s):
     score epochs with the STS metrics through the pipeline with `val_options` (a PipelineOptions;
     default: the pipeline's defaults without SAM), else ultralytics' mAP. `deadline` (time.monotonic
     seconds): end training by then (default: `config.time_budget` minutes from now).
-    `train_images`: size of the train split (read from the dataset when None). Returns the weights
+    `train_images`: size of the train split (read from the dataset when None). `interrupt()`: asked
+    between batches (about once a second); True stops the training there (stopped_by
+    "interrupted"). Returns the weights
     of the epoch the validation score ranks first (best.pt), or of the last epoch when there are
     fewer than `config.best_min_val_images` validation images."""
     from ultralytics import YOLO
@@ -237,6 +259,9 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
     model = YOLO(str(warm_start) if warm_start else config.model_cfg, task="segment")
     budget = _Budget(deadline, epochs)
     model.add_callback("on_fit_epoch_end", budget)
+    stopper = _Interrupt(interrupt) if interrupt is not None else None
+    if stopper is not None:
+        model.add_callback("on_train_batch_end", stopper)
     if on_epoch is not None:
         model.add_callback("on_fit_epoch_end", lambda tr: on_epoch(
             min(tr.epoch + 1, tr.epochs), tr.epochs, {k: float(v) for k, v in (tr.metrics or {}).items()}))
@@ -260,6 +285,7 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
         # time-compressed schedule ends on the most trained epoch
         best = Path(trainer.last)
     epochs_run = int(trainer.epoch) + 1
-    stopped_by = "budget" if budget.cut else ("steps" if epochs_run >= epochs else "patience")
+    stopped_by = ("interrupted" if stopper is not None and stopper.hit else
+                  "budget" if budget.cut else "steps" if epochs_run >= epochs else "patience")
     return TrainResult(weights=best, seconds=time.perf_counter() - start, epochs_run=epochs_run,
                        steps_run=epochs_run * steps_per_epoch, epochs_planned=epochs, stopped_by=stopped_by)

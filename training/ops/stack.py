@@ -36,12 +36,13 @@ DEFAULTS = {
     "RETRAIN_MIN_NEW_ANNOTATIONS": "10",
     "TRAIN_QUEUE": "toothseg-train",
     "PREANNOTATE_QUEUE": "toothseg-preannotate",
+    "IDLE_QUEUE": "toothseg-idle",
 }
 
 # Variables the backend and the worker get, in both the compose file and the native stack.
 APP_ENV = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "MODEL_DIR", "SAM_CHECKPOINT", "SAM_MODEL_TYPE",
            "YOLO_WEIGHTS", "LOCAL_FILES_DOCUMENT_ROOT", "EMBEDDING_CACHE_DIR", "RETRAIN_MIN_NEW_ANNOTATIONS",
-           "TRAIN_QUEUE", "PREANNOTATE_QUEUE", "LABEL_STUDIO_ML_BACKEND_V2", "DEVICE", "BASIC_AUTH_USER",
+           "TRAIN_QUEUE", "PREANNOTATE_QUEUE", "IDLE_QUEUE", "LABEL_STUDIO_ML_BACKEND_V2", "DEVICE", "BASIC_AUTH_USER",
            "BASIC_AUTH_PASS", "WEBHOOK_SECRET")
 # Variables of the Label Studio service (both places).
 LABEL_STUDIO_ENV = ("LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN", "ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED",
@@ -65,8 +66,9 @@ def backend_command(bind: str) -> list[str]:
             "backend.app:create_app()"]
 
 
-def worker_command(redis_url: str, train_queue: str, preannotate_queue: str) -> list[str]:
-    return ["rq", "worker", "--url", redis_url, "--with-scheduler", train_queue, preannotate_queue]
+def worker_command(redis_url: str, train_queue: str, preannotate_queue: str, idle_queue: str) -> list[str]:
+    """The worker's queues in priority order: retraining, pre-annotation, idle training."""
+    return ["rq", "worker", "--url", redis_url, "--with-scheduler", train_queue, preannotate_queue, idle_queue]
 
 
 BOOTSTRAP_COMMAND = ["toothseg", "bootstrap"]
@@ -174,7 +176,8 @@ class Stack:
             "backend": ([str(bin_dir / backend_command("")[0]), *backend_command(
                 f"127.0.0.1:{self.setting('BACKEND_PORT')}")[1:]], self.app_env()),
             "worker": ([str(bin_dir / "rq"), *worker_command(self.redis_url, self.setting("TRAIN_QUEUE"),
-                                                             self.setting("PREANNOTATE_QUEUE"))[1:]], self.app_env()),
+                                                             self.setting("PREANNOTATE_QUEUE"),
+                                                             self.setting("IDLE_QUEUE"))[1:]], self.app_env()),
         }
 
     def bootstrap_env(self) -> dict[str, str]:
