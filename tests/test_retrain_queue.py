@@ -14,6 +14,7 @@ from rq.scheduler import RQScheduler
 
 from backend.retrain_queue import RetrainQueue, annotation_key
 from backend.settings import Settings
+from training.idle import enqueue_idle_round
 from backend.webhooks import handle_webhook
 from conftest import QUEUE, REPO, VENV_BIN, stop, wait_for  # noqa: F401  (start_worker is a conftest fixture)
 from training.ops.stack import _descendants
@@ -217,11 +218,14 @@ def test_status_command_shows_queues_jobs_and_projects(redis_url, tmp_path):
     job = Job.fetch(decision.job_id, connection=q.redis)
     job.meta.update(stage="train", progress=0.25, detail="epoch 25/100")
     job.save_meta()
-    env = {**__import__("os").environ, "REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "MODEL_DIR": str(tmp_path)}
+    env = {**__import__("os").environ, "REDIS_URL": redis_url, "TRAIN_QUEUE": QUEUE, "MODEL_DIR": str(tmp_path),
+           "IDLE_QUEUE": "toothseg-idle-test", "IDLE_TRAINING_ROUNDS": "2"}
+    idle = enqueue_idle_round(q.redis, Settings.from_env(env), "12", 1)
     out = subprocess.run([sys.executable, "-m", "training.ops.cli", "status"], cwd=REPO, env=env, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
     assert f"queue {QUEUE}: 1 queued" in out.stdout
+    assert "queue toothseg-idle-test: 1 queued" in out.stdout and f"{idle} queued" in out.stdout, out.stdout
     assert f"{decision.job_id} queued [train 25%] epoch 25/100" in out.stdout, out.stdout
     assert "project 12: current model - (0 stored)" in out.stdout and f"active job {decision.job_id}" in out.stdout
     down = subprocess.run([sys.executable, "-m", "training.ops.cli", "status"], cwd=REPO, capture_output=True, text=True,

@@ -5,8 +5,9 @@ After a retrain job ends with a current model, `enqueue_idle_round` queues round
 which `rq worker` lists after the training and pre-annotation queues: a round starts only when
 no retrain and no pre-annotation waits. A round is the retrain job's own work on the project's
 annotations (export, warm start from the current model with the warm length, mask refiner, gate,
-store, promote); a promoted round queues the next one, up to IDLE_TRAINING_ROUNDS, and a rejected
-one ends the chain (the model stopped improving on these annotations).
+store, promote); a promoted round queues the pre-annotation pass of its version (as a retrain
+does) and the next round, up to IDLE_TRAINING_ROUNDS; a rejected one ends the chain (the model
+stopped improving on these annotations).
 
 A round holds the project's retrain lock (`RetrainQueue.claim`), so no retrain of the project runs
 beside it, and it stops at once (between two training batches, or between two steps), storing
@@ -125,5 +126,10 @@ def idle_round(project: str, round_: int) -> dict[str, Any]:
     lower_priority(settings.worker_nice)
     project = project_key(project)
     logger.info("project %s: idle training round %d (job %s)", project, round_, job.id)
-    return IdleRound(job.connection, settings).run(
+    summary = IdleRound(job.connection, settings).run(
         project, round_, job, lambda interrupt: run_retrain(project, settings, job.id, interrupt=interrupt))
+    if summary["status"] == "promoted" and settings.preannotate_after_promotion:
+        from training.preannotate import enqueue_preannotation
+
+        enqueue_preannotation(job.connection, settings, project, summary["version"])  # before the next round
+    return summary

@@ -129,7 +129,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings()
     try:
-        data = collect(settings, [settings.train_queue, settings.preannotate_queue, *args.queue])
+        data = collect(settings, [settings.train_queue, settings.preannotate_queue, settings.idle_queue, *args.queue])
     except redis.RedisError as exc:
         raise CLIError(f"Redis at {settings.redis_url} is unavailable: {exc}") from None
     print(format_status(data))
