@@ -211,7 +211,10 @@ class RetrainQueue:
             return job_id
         StartedJobRegistry(self.queue.name, connection=self.redis).cleanup()  # abandoned jobs -> failed
         try:
-            status = Job.fetch(job_id, connection=self.redis).get_status()
+            job = Job.fetch(job_id, connection=self.redis)
+            if job.origin != self.queue.name:  # an idle round (training.idle) holds the project
+                StartedJobRegistry(job.origin, connection=self.redis).cleanup()
+            status = job.get_status()
         except NoSuchJobError:
             status = None
         if status in LIVE_STATUSES or (status is None and _age_s(job_id) < ENQUEUE_GRACE_S):

@@ -111,7 +111,7 @@ class Settings:
         "RQ queue of background pre-annotation (listed after TRAIN_QUEUE by the worker: lower priority).")
     idle_queue: str = _setting("IDLE_QUEUE", "toothseg-idle", str,
         "RQ queue of idle training (listed last by the worker: a round starts only when no other job waits).")
-    idle_training_rounds: int = _setting("IDLE_TRAINING_ROUNDS", "0", int,
+    idle_training_rounds: int = _setting("IDLE_TRAINING_ROUNDS", "3", int,
         "After a retrain, the worker trains the project's current model up to this many more times on the same "
         "annotations while nothing else waits (warm start, gated and promoted like any version; a round not "
         "promoted ends it; a retrain or a pre-annotation pass stops a round at once). 0: off.")

@@ -419,7 +419,8 @@ def make_stack(tmp_path, trained_weights, sam_checkpoint):
     """A native stack (not started) with `seeds` + `pool` synthetic images of `size`: pool_*.png in
     the imported folder, seed_*.png in a sibling folder the test imports with annotations.
     `yolo_weights`: start from `trained_weights` (YOLO_WEIGHTS); `quick_training`: QUICK_TRAINING
-    instead of the product's training defaults."""
+    instead of the product's training defaults. Idle training is off (IDLE_TRAINING_ROUNDS=0) unless
+    the test sets it: its rounds would add versions the tests do not expect (tests/test_e2e_idle.py)."""
     import cv2
 
     from training.ops.stack import Stack
@@ -445,7 +446,8 @@ def make_stack(tmp_path, trained_weights, sam_checkpoint):
             "LABEL_STUDIO_PORT": free_port(), "BACKEND_PORT": free_port(), "REDIS_PORT": free_port(),
             "LABEL_STUDIO_USER_TOKEN": token, "YOLO_WEIGHTS": trained_weights if yolo_weights else "",
             "SAM_CHECKPOINT": sam_checkpoint, "SAM_MODEL_TYPE": "vit_tiny", "RETRAIN_MIN_NEW_ANNOTATIONS": 5,
-            "TRAIN_AFTER_ANNOTATIONS": 0, "YOLO_VERBOSE": "False", **(QUICK_TRAINING if quick_training else {}), **env,
+            "TRAIN_AFTER_ANNOTATIONS": 0, "YOLO_VERBOSE": "False", "IDLE_TRAINING_ROUNDS": 0,
+            **(QUICK_TRAINING if quick_training else {}), **env,
         }
         stack = Stack(data=tmp_path / "stack", images=images, env={k: str(v) for k, v in settings.items()},
                       ls_venv=LS_VENV)

@@ -288,6 +288,13 @@ def test_train_now_takes_the_project_lock(redis_url, tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and f"being retrained already (job {busy.job_id})" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1
+    # an idle training round (training.idle) holds project 13: the message says what stops it
+    idle = enqueue_idle_round(q.redis, Settings.from_env({**env, "IDLE_TRAINING_ROUNDS": "1"}), "13", 1)
+    assert q.claim("13", idle) is None
+    out = subprocess.run([sys.executable, "-m", "training.ops.cli", "train", "--project", "13", "--now"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"idle training round (job {idle})" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1
     # free project: --now runs (here it fails at the export: Label Studio is down) and releases the lock
     out = subprocess.run([sys.executable, "-m", "training.ops.cli", "train", "--project", "12", "--now"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)

@@ -303,12 +303,15 @@ def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConf
     `interrupt`: see `run_round`."""
     config = config or train_config(settings)
     report = Progress(project, config.time_budget * 60, LabelStudioStatus.for_project(settings, project))
-    return run_round(project, settings, export_step(project, settings, report, covered), job_id, config, report,
-                     interrupt)
+    exported = export_step(project, settings, report, covered)
+    if interrupt is not None and interrupt():
+        return _interrupted(None, report, "the export")
+    return run_round(project, settings, exported, job_id, config, report, interrupt)
 
 
-def _interrupted(work: Path, report: Progress, stage: str) -> dict[str, Any]:
-    shutil.rmtree(work, ignore_errors=True)
+def _interrupted(work: Path | None, report: Progress, stage: str) -> dict[str, Any]:
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     report("done", f"interrupted during {stage}: nothing stored, the current model is unchanged", 1.0, final=True)
     return {"status": "interrupted", "stage": stage, "seconds": round(time.monotonic() - report.started, 1)}
 
@@ -329,6 +332,8 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     config = config.warm() if current is not None else config
     work = (settings.work_dir or settings.model_dir / ".work") / project / job_id
     data = dataset_step(settings, exported, work, current, config, report)
+    if interrupt is not None and interrupt():
+        return _interrupted(work, report, "the download")
     config = config.fitted(data.longest_side)
     # scored: the validation images by candidate and current model; a first model maybe on its train images too
     scored = len(data.val_images) * 2 if current else len(data.val_images) + len(data.train_images)

@@ -158,6 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         except redis.RedisError as exc:
             raise CLIError(f"Redis at {settings.redis_url} is unavailable, so the project's retrain lock cannot "
                            f"be taken: {exc}") from None
+        if busy is not None and busy.startswith("idle-"):
+            raise CLIError(f"project {project}'s model is in an idle training round (job {busy}); without --now "
+                           f"the retrain is queued and stops that round at once")
         if busy is not None:
             raise CLIError(f"project {project} is being retrained already (job {busy}); wait for it, or queue "
                            f"one more run without --now")
