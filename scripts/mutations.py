@@ -165,7 +165,7 @@ MUTATIONS = [
              '        elif summary["status"] == "promoted":', "        elif True:",
              (f"{T_IDLE}::test_idle_rounds_chain_while_promoted_up_to_the_setting_and_end_at_the_first_rejection",)),
     Mutation("idle-stores-nothing", "an interrupted round stores no version", "training/jobs.py",
-             '    if result.stopped_by == "interrupted" or (interrupt is not None and interrupt()):',
+             '    if result.stopped_by == "interrupted" or stop():',
              "    if False:", (f"{T_IDLE}::test_an_interrupted_round_stops_its_training_and_stores_nothing",)),
     Mutation("preannotate-leftovers", "the background pass finishes a task a killed pass left half replaced",
              "training/preannotate.py", "    for task_id, olds in leftovers.items():",

@@ -304,7 +304,7 @@ def run_retrain(project: str, settings: Settings, job_id: str, config: TrainConf
     config = config or train_config(settings)
     report = Progress(project, config.time_budget * 60, LabelStudioStatus.for_project(settings, project))
     exported = export_step(project, settings, report, covered)
-    if interrupt is not None and interrupt():
+    if interrupt is not None and interrupt():  # an idle round (training.idle) asked to stop
         return _interrupted(None, report, "the export")
     return run_round(project, settings, exported, job_id, config, report, interrupt)
 
@@ -331,8 +331,9 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     current = registry.current(project)
     config = config.warm() if current is not None else config
     work = (settings.work_dir or settings.model_dir / ".work") / project / job_id
+    stop = interrupt or (lambda: False)
     data = dataset_step(settings, exported, work, current, config, report)
-    if interrupt is not None and interrupt():
+    if stop():
         return _interrupted(work, report, "the download")
     config = config.fitted(data.longest_side)
     # scored: the validation images by candidate and current model; a first model maybe on its train images too
@@ -341,10 +342,10 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     refiner_reserve = reserve_seconds(config.refiner_steps, len(data.train_images), config.device)
     result = train_step(settings, data, work, current, config, deadline and deadline - reserve - refiner_reserve,
                         report, interrupt)
-    if result.stopped_by == "interrupted" or (interrupt is not None and interrupt()):
+    if result.stopped_by == "interrupted" or stop():
         return _interrupted(work, report, "training")
     refiner = refiner_step(settings, data, result, current, config, deadline and deadline - reserve, report)
-    if interrupt is not None and interrupt():
+    if stop():
         return _interrupted(work, report, "the mask refiner's training")
     decision = gate_step(settings, result.weights, current, data, len(exported.annotated), report)
     version, promoted, reason = store_step(registry, project, job_id, result, decision, data, current, config, report,
