@@ -72,6 +72,23 @@ class ToothSegBackend(LabelStudioMLBase):
                 logger.warning("task %s: no prediction: %s", task.get("id"), exc.reason)
         return {"result": result, "score": task_score(result), "model_version": served.version}
 
+    def _detected_box_at(self, pixels: np.ndarray, points: np.ndarray, point_labels: np.ndarray) -> np.ndarray | None:
+        """The box of the served detector's most tooth-like candidate (any score above DETECTOR_CONF)
+        that holds every foreground click and no background click; None without one."""
+        pipeline = self.runtime.serve(self.project).pipeline
+        if pipeline is None:
+            return None
+        candidates = pipeline.detector.detect(pixels)
+        fg, bg = points[point_labels == 1], points[point_labels == 0]
+
+        def inside(box: np.ndarray, p: np.ndarray) -> np.ndarray:
+            return (p[:, 0] >= box[0]) & (p[:, 0] <= box[2]) & (p[:, 1] >= box[1]) & (p[:, 1] <= box[3])
+
+        for box in candidates.boxes:  # in descending tooth score
+            if len(fg) and inside(box, fg).all() and not inside(box, bg).any():
+                return np.asarray(box, dtype=float)
+        return None
+
     def predict_interactive(self, task: Mapping[str, Any], target: Target, context: Mapping[str, Any]) -> dict:
         """SAM on the annotator's keypoints (foreground/background) or rectangle -> one region."""
         refiner = self.runtime.refiner()
@@ -102,6 +119,13 @@ class ToothSegBackend(LabelStudioMLBase):
         if label is None or target.value_for(label) is None or (not points and box is None):
             logger.warning("task %s: interactive context without a usable tooth label or prompt", task.get("id"))
             return {"result": [], "score": 0.0, "model_version": version}
+        if box is None and refiner.boxes_only:  # a click, for a SAM that was trained on boxes alone
+            box = self._detected_box_at(image.pixels, np.array(points), np.array(point_labels))
+            if box is None:
+                logger.warning("task %s: no detected tooth under the click, and %s takes boxes: draw a rectangle",
+                               task.get("id"), refiner.checkpoint_id.split("-")[0])
+                return {"result": [], "score": 0.0, "model_version": version}
+            points = []
         mask, score = refiner.prompt(image.pixels, image.sha1, box=box,
                                      points=np.array(points) if points else None,
                                      point_labels=np.array(point_labels) if points else None)

@@ -70,6 +70,15 @@ class Pipeline:
     def run(self, image: XrayImage, timer: StageTimer | None = None) -> list[Instance]:
         """One image -> numbered tooth instances (masks at the original size), in FDI order."""
         timer = timer or StageTimer()
+        proposal = self.propose(image, timer)
+        masks = proposal.masks
+        if self.refiner is not None and self.options.use_sam and len(proposal.boxes):
+            masks = self.refiner.refine(image.pixels, image.sha1, proposal.boxes, masks, timer).masks
+        return proposal.instances(masks)
+
+    def propose(self, image: XrayImage, timer: StageTimer | None = None) -> "Proposal":
+        """The detector's numbered teeth, their boxes and their masks before SAM."""
+        timer = timer or StageTimer()
         opts = self.options
         with timer.stage("preprocess"):
             x = self.detector.prepare(image.pixels)
@@ -88,10 +97,20 @@ class Pipeline:
             masks = candidates.masks(indices, image.pixels if opts.refine_masks else None, opts.mask_refiner,
                                      opts.refiner_mirror)
         boxes = candidates.boxes[indices] if indices else np.zeros((0, 4))
-        if self.refiner is not None and opts.use_sam and indices:
-            masks = self.refiner.refine(image.pixels, image.sha1, boxes, masks, timer).masks
-        instances = []
-        for a, mask in zip(numbered, masks):
-            if mask.any():
-                instances.append(Instance(mask=mask, label=a.label, score=a.score, box=mask_box(mask)))
-        return instances
+        return Proposal(numbered, boxes, masks)
+
+
+@dataclass
+class Proposal:
+    """One image's numbered teeth (`backend.numbering` assignments), their detector boxes (k, 4) and
+    masks (k, H, W) bool before SAM."""
+
+    numbered: list
+    boxes: np.ndarray
+    masks: np.ndarray
+
+    def instances(self, masks: np.ndarray | None = None) -> list[Instance]:
+        """The teeth with `masks` (default: the proposal's own), empty masks left out."""
+        masks = self.masks if masks is None else masks
+        return [Instance(mask=mask, label=a.label, score=a.score, box=mask_box(mask))
+                for a, mask in zip(self.numbered, masks) if mask.any()]

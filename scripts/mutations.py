@@ -39,6 +39,7 @@ EVAL, IDLE = "training/evaluate.py", "training/idle.py"
 T_FD, T_HARD, T_RQ, T_TRAIN = "tests/test_front_door.py", "tests/test_hardening.py", "tests/test_retrain_queue.py", \
     "tests/test_training.py"
 T_IDLE = "tests/test_idle_training.py"
+SAM, T_SAM = "backend/sam.py", "tests/test_sam.py"
 
 MUTATIONS = [
     Mutation("routes", "only toothseg's four routes are served (label-studio-ml's /train, /versions, ... are 404)",
@@ -167,6 +168,28 @@ MUTATIONS = [
     Mutation("idle-stores-nothing", "an interrupted round stores no version", "training/jobs.py",
              '    if result.stopped_by == "interrupted" or stop():',
              "    if False:", (f"{T_IDLE}::test_an_interrupted_round_stops_its_training_and_stores_nothing",)),
+    Mutation("sam-agreement", "SAM's mask replaces the other only where the two agree (SAM_MIN_AGREEMENT)", SAM,
+             "if sam_iou[i] >= min_iou and _mask_iou(sam_masks[i], masks[i]) >= min_agreement:",
+             "if sam_iou[i] >= min_iou:",
+             (f"{T_SAM}::test_refine_takes_sams_mask_where_it_agrees_and_keeps_the_detectors_elsewhere",)),
+    Mutation("sam-min-iou", "SAM's mask replaces the other only where SAM is sure of it (SAM_MIN_IOU)", SAM,
+             "if sam_iou[i] >= min_iou and _mask_iou(sam_masks[i], masks[i]) >= min_agreement:",
+             "if _mask_iou(sam_masks[i], masks[i]) >= min_agreement:",
+             (f"{T_SAM}::test_refine_takes_sams_mask_where_it_agrees_and_keeps_the_detectors_elsewhere",)),
+    Mutation("lite-medsam-input", "LiteMedSAM gets its input min-max scaled, as it was trained", SAM,
+             "        x = (x - lo) / (hi - lo).clamp(min=1e-8)\n",
+             "        x = (x - torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)) / 58.0\n",
+             (f"{T_SAM}::test_a_box_on_a_tooth_gives_that_tooth",)),
+    Mutation("embedding-key", "a cached embedding is used only by the model and checkpoint that made it", SAM,
+             '        return f"{image_sha1}-{self.checkpoint_id}"', "        return image_sha1",
+             (f"{T_SAM}::test_a_new_process_reuses_the_embedding_on_disk_and_a_torn_file_is_rewritten",)),
+    Mutation("torn-embedding", "a torn embedding file is ignored and computed again", SAM,
+             "            except Exception as exc:  # a torn or foreign file: recompute",
+             "            except ZeroDivisionError as exc:  # a torn or foreign file: recompute",
+             (f"{T_SAM}::test_a_new_process_reuses_the_embedding_on_disk_and_a_torn_file_is_rewritten",)),
+    Mutation("click-box", "a click for a SAM trained on boxes alone prompts it with the detected box under it",
+             "backend/model.py", "        if box is None and refiner.boxes_only:", "        if False:",
+             ("tests/test_backend_http.py::test_interactive_keypoint_prompts_sam",)),
     Mutation("preannotate-leftovers", "the background pass finishes a task a killed pass left half replaced",
              "training/preannotate.py", "    for task_id, olds in leftovers.items():",
              "    for task_id, olds in {}.items():", ("tests/test_e2e_preannotate.py::test_background_preannotation",)),

@@ -344,6 +344,7 @@ class BackendServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.env = env
         cmd = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{self.port}", "--workers", "1",
                "--threads", str(threads), "--timeout", "600", "backend.app:create_app()"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**PROCESS_ENV, **os.environ, **env},

@@ -77,6 +77,18 @@ def test_setup_follows_promotions_without_restart(start_backend, tmp_path, train
 
 @pytest.fixture
 def served(start_backend, tmp_path, trained_weights, sam_checkpoint, synth_dir):
+    """The backend with the test SAM (vit_tiny, random weights: what SAM costs, not its masks)."""
+    return serve(start_backend, tmp_path, trained_weights, synth_dir, SAM_CHECKPOINT=sam_checkpoint,
+                 SAM_MODEL_TYPE="vit_tiny")
+
+
+@pytest.fixture
+def served_lite_medsam(start_backend, tmp_path, trained_weights, synth_dir):
+    """The backend with LiteMedSAM's real weights, from the package (no SAM_CHECKPOINT)."""
+    return serve(start_backend, tmp_path, trained_weights, synth_dir, SAM_MODEL_TYPE="lite_medsam")
+
+
+def serve(start_backend, tmp_path, trained_weights, synth_dir, **sam):
     models = tmp_path / "models"
     version = register_model(models, "1", trained_weights)
     images = synth_dir / "images"
@@ -84,9 +96,8 @@ def served(start_backend, tmp_path, trained_weights, sam_checkpoint, synth_dir):
     bad.mkdir(exist_ok=True)
     (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     Image.new("L", (12000, 12000)).save(bad / "bomb.png")
-    server = start_backend(MODEL_DIR=models, SAM_CHECKPOINT=sam_checkpoint, SAM_MODEL_TYPE="vit_tiny",
-                           LOCAL_FILES_DOCUMENT_ROOT=synth_dir, MAX_IMAGE_PIXELS=50_000_000 // 2,
-                           SCORE_THRESHOLD=0.05, PREDICT_BATCH_LIMIT=0)
+    server = start_backend(MODEL_DIR=models, **sam, LOCAL_FILES_DOCUMENT_ROOT=synth_dir,
+                           MAX_IMAGE_PIXELS=50_000_000 // 2, SCORE_THRESHOLD=0.05, PREDICT_BATCH_LIMIT=0)
     names = sorted(p.name for p in images.iterdir())
     return server, version, names
 
@@ -187,8 +198,16 @@ def test_malformed_predict_requests_are_400_with_a_message(start_backend, body, 
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
-def test_interactive_rectangle_prompts_sam(served, synth_dir):
-    server, version, names = served
+def the_tooth_it_covers(mask, masks) -> tuple[str, float]:
+    """The drawn tooth a returned mask overlaps most, and their Dice."""
+    label = max(masks, key=lambda other: (mask & masks[other]).sum())
+    return label, 2 * (mask & masks[label]).sum() / (mask.sum() + masks[label].sum())
+
+
+def test_interactive_rectangle_prompts_sam(served_lite_medsam, synth_dir):
+    """A box drawn in Label Studio around a tooth gives LiteMedSAM's mask of that tooth, with the
+    box's label."""
+    server, version, names = served_lite_medsam
     from training.data.labelme import read_labelme
 
     masks, (h, w) = read_labelme(synth_dir / "labelme" / names[1].replace(".png", ".json"))
@@ -202,15 +221,20 @@ def test_interactive_rectangle_prompts_sam(served, synth_dir):
     regions = r.json()["results"][0]["result"]
     assert len(regions) == 1 and regions[0]["value"]["brushlabels"] == ["21"]
     mask = result_to_masks(regions)["21"]
-    assert mask.any() and mask.shape == (h, w)
+    assert mask.shape == (h, w)
+    label, dice = the_tooth_it_covers(mask, masks)
+    assert label == "21" and dice >= 0.7, (label, dice)
     # a prompt without a tooth label gives an empty result, not an error
     box["value"]["rectanglelabels"] = ["Caries"]
     r = httpx.post(f"{server.url}/predict", json=predict_body([task(1, local(names[1]))], context={"result": [box]}))
     assert r.status_code == 200 and r.json()["results"][0]["result"] == []
 
 
-def test_interactive_keypoint_prompts_sam(served, synth_dir):
-    server, version, names = served
+def test_interactive_keypoint_prompts_sam(served_lite_medsam, synth_dir):
+    """A point clicked on a tooth gives a mask on that tooth, with the point's label (LiteMedSAM
+    takes boxes only: the click picks the detector's box under it); a click on no tooth gives no
+    region."""
+    server, version, names = served_lite_medsam
     from training.data.labelme import read_labelme
 
     masks, (h, w) = read_labelme(synth_dir / "labelme" / names[0].replace(".png", ".json"))
@@ -225,4 +249,39 @@ def test_interactive_keypoint_prompts_sam(served, synth_dir):
     assert len(results) == 1
     regions = results[0]["result"]
     assert len(regions) == 1 and regions[0]["value"]["brushlabels"] == ["11"]
-    assert result_to_masks(regions)["11"].any()
+    label, dice = the_tooth_it_covers(result_to_masks(regions)["11"], masks)
+    assert label == "11" and dice >= 0.7, (label, dice)
+    point["value"].update(x=0.5, y=0.5)  # the image's corner
+    r = httpx.post(f"{server.url}/predict", json=predict_body([task(1, local(names[0]))], context={"result": [point]}))
+    assert r.status_code == 200 and r.json()["results"][0]["result"] == []
+
+
+def test_the_background_pass_gives_what_predict_gives(served_lite_medsam, synth_dir):
+    """/predict (the backend process) and the pipeline the background pass runs
+    (`Runtime.serve(project).pipeline`, training.preannotate.run_chunk, here in the test's process
+    with its own embedding) give the same regions for the same image and version; LiteMedSAM
+    changed some of those masks (the same pipeline without SAM differs)."""
+    from backend.formats import find_target, instances_to_results
+    from backend.images import ImageLoader
+    from backend.pipeline import PipelineOptions
+    from backend.runtime import Runtime
+    from backend.settings import Settings
+
+    server, version, names = served_lite_medsam
+    r = httpx.post(f"{server.url}/predict", json=predict_body([task(1, local(names[2]))]), timeout=300)
+    assert r.status_code == 200, r.text
+    over_http = r.json()["results"][0]
+    assert over_http["model_version"] == version and over_http["result"]
+
+    settings = Settings.from_env({**server.env, "LOCAL_FILES_DOCUMENT_ROOT": str(synth_dir)})
+    served = Runtime(settings).serve("1")
+    target = find_target(CONFIG)
+    image = ImageLoader(settings).load(local(names[2]))
+    background = instances_to_results(served.pipeline.run(image), target)
+    assert served.version == version
+    assert result_to_masks(background).keys() == result_to_masks(over_http["result"]).keys()
+    for label, mask in result_to_masks(background).items():
+        assert np.array_equal(mask, result_to_masks(over_http["result"])[label]), label
+    served.pipeline.options = PipelineOptions.from_settings(settings, use_sam=False)
+    without_sam = result_to_masks(instances_to_results(served.pipeline.run(image), target))
+    assert any(not np.array_equal(m, without_sam[label]) for label, m in result_to_masks(background).items())

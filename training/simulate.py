@@ -296,14 +296,11 @@ class SimProject:
         self.refiner = self._refiner()
 
     def _refiner(self):
-        if self.config.sam_checkpoint is None:
-            return None
-        from backend.sam import EmbeddingCache, SamRefiner, build_sam, file_identity
+        from backend.sam import EmbeddingCache, SamRefiner
 
-        sam = build_sam(self.config.sam, self.config.sam_checkpoint, self.config.device)
-        return SamRefiner(sam, f"{self.config.sam}-{file_identity(self.config.sam_checkpoint)}",
-                          EmbeddingCache(len(self.samples)), self.settings.sam_batch_size,
-                          self.settings.sam_min_iou, self.settings.sam_min_agreement)
+        return SamRefiner.load(self.config.sam, self.config.sam_checkpoint, self.config.device,
+                               EmbeddingCache(len(self.samples)), batch_size=self.settings.sam_batch_size,
+                               min_iou=self.settings.sam_min_iou, min_agreement=self.settings.sam_min_agreement)
 
     def item(self, key: str):
         return self.samples[key].item(key)
@@ -598,7 +595,8 @@ def format_report(config: SimConfig, results: Sequence[SeedResult], command: str
               f"first, SCORE_ANCHOR; >= {settings.score_fallback:g} on an image without any, SCORE_FALLBACK), YOLO "
               "masks redrawn by the learned mask "
               "refiner (with its mirror pass), "
-              + ("no SAM (no SAM checkpoint given)" if config.sam_checkpoint is None else f"SAM {config.sam}")
+              + ("no SAM (no SAM checkpoint given)" if config.sam_checkpoint is None and config.sam != "lite_medsam"
+                 else f"SAM {config.sam}")
               + ". Every number: median (min-max) over the seeds.", "",
               "Oracle (`training.oracle`): regions matched to ground-truth teeth one to one by IoU; accepted at "
               "IoU >= 0.9 with the right label; relabeled: right place, wrong number; redrawn: matched, IoU < 0.9; "

@@ -1,0 +1,192 @@
+"""SAM's masks against toothseg's own on real radiographs, and SAM's acceptance thresholds.
+
+    .venv/bin/python bench/bench_sam.py --real-work bench/.cache/real-pool-idle20 --data DIR \\
+        [--sam-model-type lite_medsam] [--sam-checkpoint PTH] [--images N] --out bench/results/sam.md
+
+For each model a `bench_real.py --on pool` run in `--real-work` trained (each project's last
+version), on the pool's validation images (never the held-out test images, so the thresholds can be
+chosen here): the product's pipeline numbers the detector's candidates (`Pipeline.propose`, the
+served settings); each numbered tooth is matched one to one to an expert's tooth (bench_real.match,
+IoU >= 0.3, on the learned refiner's masks). Mask sources, on the same teeth: the detector's own
+masks, the learned mask refiner's (what is served without SAM), SAM's from the detector's boxes
+(one embedding of the whole image), and the product's choice between SAM's and the refiner's mask
+(`backend.sam.choose`) at each SAM_MIN_IOU / SAM_MIN_AGREEMENT pair. Per source: Dice and NSD
+(2 px) per matched tooth (mean, and median over models), the STS instance Dice per image (numbers
+as served; mean over images, median (min-max) over models), and how many teeth took SAM's mask.
+Time: SAM's encoder per image (cold: each image once) and its decoder per image, on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+from bench_predict import machine, write_report  # noqa: E402
+
+MIN_IOUS = (0.0, 0.75, 0.85, 0.9)
+MIN_AGREEMENTS = (0.0, 0.5, 0.7, 0.8)
+
+
+@dataclass
+class SourceScores:
+    """One mask source on one model: per matched tooth Dice and NSD, per image instance Dice, teeth
+    that took SAM's mask."""
+
+    dice: list[float] = field(default_factory=list)
+    nsd: list[float] = field(default_factory=list)
+    instance_dice: list[float] = field(default_factory=list)
+    took_sam: int = 0
+
+
+def models_of(work: Path):
+    """(name, weights) of each project's last version in a bench_real --work folder."""
+    from backend.registry import Registry
+
+    registry = Registry(work / "models")
+    for project_dir in sorted((work / "models" / "projects").iterdir(), key=lambda p: int(p.name)):
+        versions = registry.versions(int(project_dir.name))
+        if versions:
+            yield f"{work.name} project {project_dir.name} {versions[-1].version.split('-')[0]}", versions[-1].weights
+
+
+def score_model(weights: Path, images, refiner, settings, timing: dict) -> dict[str, SourceScores]:
+    """Every source's scores for one model on `images` [(name, pixels, truth)]."""
+    from bench_real import match
+
+    from backend.detector import Detector
+    from backend.images import XrayImage
+    from backend.pipeline import Pipeline, PipelineOptions
+    from backend.sam import choose
+    from training.metrics import dice, nsd, score_image
+
+    detector = Detector.load(weights, conf=settings.detector_conf)
+    served = Pipeline(detector, None, PipelineOptions.from_settings(settings, use_sam=False))
+    own = Pipeline(detector, None, PipelineOptions.from_settings(settings, use_sam=False, refine_masks=False))
+    out: dict[str, SourceScores] = {}
+    for name, pixels, truth in images:
+        image = XrayImage.of(pixels, name)
+        proposal = served.propose(image)
+        detector_masks = own.propose(image).masks
+        with refiner.lock:
+            t = time.perf_counter()
+            cached = refiner.set_image(pixels, image.sha1)
+            if not cached:
+                timing.setdefault("encoder", []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sam_masks, sam_iou = refiner.decode_boxes(proposal.boxes)
+            timing.setdefault("decoder", []).append(time.perf_counter() - t)
+            timing.setdefault("boxes", []).append(len(proposal.boxes))
+        sources = {"detector's own masks": (detector_masks, None),
+                   "learned refiner (served without SAM)": (proposal.masks, None),
+                   "SAM from the detector's boxes": (sam_masks, None)}
+        for min_iou in MIN_IOUS:
+            for agreement in MIN_AGREEMENTS:
+                if min_iou or agreement:
+                    chosen = choose(sam_masks, sam_iou, proposal.masks, min_iou, agreement)
+                    sources[f"choice: SAM_MIN_IOU {min_iou:g}, SAM_MIN_AGREEMENT {agreement:g}"] = \
+                        (chosen.masks, chosen.used_sam)
+        matches = match([_Region(m) for m in proposal.masks], truth)
+        for source, (masks, used) in sources.items():
+            scores = out.setdefault(source, SourceScores())
+            for i, label, _ in matches:
+                scores.dice.append(dice(masks[i], truth[label]))
+                scores.nsd.append(nsd(masks[i], truth[label]))
+            served_masks = {a.label: m for a, m in zip(proposal.numbered, masks) if m.any()}
+            scores.instance_dice.append(score_image(served_masks, truth).instance_dice)
+            scores.took_sam += int(used.sum()) if used is not None else 0
+    return out
+
+
+@dataclass
+class _Region:
+    """What bench_real.match reads of a region."""
+
+    mask: np.ndarray
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real-work", type=Path, action="append", required=True,
+                        help="a bench_real.py --on pool --work folder (repeatable)")
+    parser.add_argument("--data", type=Path, required=True, help="UFBA-425 checkout")
+    parser.add_argument("--sam-model-type", default="lite_medsam")
+    parser.add_argument("--sam-checkpoint", type=Path, help="default: the packaged weights (lite_medsam)")
+    parser.add_argument("--images", type=int, default=0, help="the first N validation images (0: all)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sam.md")
+    args = parser.parse_args()
+
+    import bench_real
+
+    from backend.process import set_torch_threads
+    from backend.sam import EmbeddingCache, SamRefiner
+    from backend.settings import Settings
+
+    settings = Settings.from_env()
+    set_torch_threads(settings.torch_threads)
+    real = bench_real.RealData(args.data)
+    _, validation = bench_real.selection_split(sorted(real.loaders))
+    if args.images:
+        validation = validation[:args.images]
+    images = [(name, item.pixels(), item.masks) for name in validation if (item := real.get(name)) is not None]
+    refiner = SamRefiner.load(args.sam_model_type, args.sam_checkpoint, cache=EmbeddingCache(len(images)),
+                              batch_size=settings.sam_batch_size)
+    if refiner is None:
+        raise SystemExit(f"no weights for SAM {args.sam_model_type}: give --sam-checkpoint")
+    timing: dict[str, list[float]] = {}
+    per_model: dict[str, dict[str, SourceScores]] = {}
+    for work in args.real_work:
+        for name, weights in models_of(work):
+            per_model[name] = score_model(weights, images, refiner, settings, timing)
+            print(f"{name}: done", flush=True)
+    if not per_model:
+        raise SystemExit("no models in " + ", ".join(map(str, args.real_work)))
+
+    sources = list(next(iter(per_model.values())))
+    command = shlex.join([".venv/bin/python", "bench/bench_sam.py", *sys.argv[1:]])
+    teeth = sum(len(s.dice) for s in (m[sources[0]] for m in per_model.values()))
+    lines = [f"# SAM ({args.sam_model_type}) against toothseg's own masks on real radiographs", "",
+             f"Command: `{command}`", f"Machine: {machine()}",
+             f"Data: UFBA-425 pool validation images ({len(images)}; never the held-out test images), "
+             f"{len(per_model)} models ({', '.join(per_model)}), {teeth} matched teeth in all. "
+             "SAM's input: the whole image, longest side resized to the encoder's input.", "",
+             "Per source, on the same matched teeth: mean Dice and NSD per tooth (all models pooled), the STS "
+             "instance Dice (numbers as served; mean over images, median (min-max) over models), teeth that took "
+             "SAM's mask. Choices: SAM's mask where its predicted IoU >= SAM_MIN_IOU and it overlaps the learned "
+             "refiner's mask by IoU >= SAM_MIN_AGREEMENT, else the refiner's (shipped: "
+             f"{settings.sam_min_iou:g} / {settings.sam_min_agreement:g}).", "",
+             "| masks | tooth Dice | tooth NSD | instance Dice | took SAM |", "|---|---|---|---|---|"]
+    for source in sources:
+        pooled = [m[source] for m in per_model.values()]
+        dices = [d for s in pooled for d in s.dice]
+        nsds = [d for s in pooled for d in s.nsd]
+        took = sum(s.took_sam for s in pooled)
+        took_text = f"{took} of {len(dices)}" if source.startswith("choice") else "-"
+        lines.append(f"| {source} | {np.mean(dices):.3f} | {np.mean(nsds):.3f} | "
+                     f"{spread([float(np.mean(s.instance_dice)) for s in pooled])} | {took_text} |")
+    enc, dec, boxes = timing.get("encoder", []), timing["decoder"], timing["boxes"]
+    lines += ["", "## Time per image (this machine)", "",
+              "| SAM input | encoder s/image (cold) | decoder s/image | boxes/image |", "|---|---|---|---|",
+              f"| whole image | {spread(enc) if enc else '-'} | {spread(dec)} | {statistics.median(boxes):g} |"]
+    write_report(lines, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
