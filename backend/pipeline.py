@@ -44,9 +44,10 @@ class PipelineOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "PipelineOptions":
-        """The options the backend serves with (SCORE_THRESHOLD, MASK_REFINE), then `overrides`."""
+        """The options the backend serves with (SCORE_THRESHOLD, MASK_REFINE, SAM_PREANNOTATE, ...), then
+        `overrides`."""
         return cls(**{"min_score": settings.score_threshold, "anchor_score": settings.score_anchor,
-                      "fallback_score": settings.score_fallback,
+                      "fallback_score": settings.score_fallback, "use_sam": settings.sam_preannotate,
                       "refine_masks": settings.mask_refine, **overrides})
 
 

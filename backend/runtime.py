@@ -82,7 +82,8 @@ class Runtime:
                 self._refiner = SamRefiner.load(
                     s.sam_model_type, s.sam_checkpoint, s.device,
                     EmbeddingCache(s.embedding_cache_size, s.embedding_cache_dir),
-                    batch_size=s.sam_batch_size, min_iou=s.sam_min_iou, min_agreement=s.sam_min_agreement)
+                    batch_size=s.sam_batch_size, min_iou=s.sam_min_iou, min_agreement=s.sam_min_agreement,
+                    tile=s.sam_tile)
             return self._refiner
 
     def _load_detector(self, weights: Path) -> Detector:

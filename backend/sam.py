@@ -191,6 +191,34 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def tile_windows(boxes: np.ndarray, shape: tuple[int, int], tile: int) -> dict[tuple[int, int, int, int] | None,
+                                                                              list[int]]:
+    """SAM input windows (x0, y0, x1, y1) of `tile` x `tile` pixels over the boxes' region (k, 4),
+    overlapping by half, evenly spread and inside the image (H, W); each window -> the indices of the
+    boxes it holds with the widest margin. None (the whole image) for every box when `tile` is 0 or
+    not smaller than the image, and for a box no window holds."""
+    h, w = shape
+    everything = {None: list(range(len(boxes)))}
+    if not tile or tile >= max(h, w) or not len(boxes):
+        return everything
+
+    def starts(lo: float, hi: float, size: int, limit: int) -> list[int]:
+        if hi - lo <= size:
+            return [int(np.clip(round((lo + hi - size) / 2), 0, limit - size))]
+        n = int(np.ceil((hi - lo - size) / (size / 2))) + 1
+        return sorted({int(np.clip(round(s), 0, limit - size)) for s in np.linspace(lo, hi - size, n)})
+
+    sx, sy = min(tile, w), min(tile, h)
+    windows = [(x, y, x + sx, y + sy) for y in starts(boxes[:, 1].min(), boxes[:, 3].max(), sy, h)
+               for x in starts(boxes[:, 0].min(), boxes[:, 2].max(), sx, w)]
+    groups: dict[tuple[int, int, int, int] | None, list[int]] = {}
+    for i, (bx0, by0, bx1, by1) in enumerate(boxes):
+        margins = [min(bx0 - x0, by0 - y0, x1 - bx1, y1 - by1) for x0, y0, x1, y1 in windows]
+        best = int(np.argmax(margins))
+        groups.setdefault(windows[best] if margins[best] >= 0 else None, []).append(i)
+    return groups
+
+
 def choose(sam_masks: np.ndarray, sam_iou: np.ndarray, masks: np.ndarray, min_iou: float,
            min_agreement: float) -> Refinement:
     """Per box SAM's mask, unless its predicted IoU is below `min_iou` or it overlaps the other
@@ -210,13 +238,14 @@ class SamRefiner:
     a time holds the predictor."""
 
     def __init__(self, sam: Sam, checkpoint_id: str, cache: EmbeddingCache | None = None, batch_size: int = 1,
-                 min_iou: float = 0.75, min_agreement: float = 0.5):
+                 min_iou: float = 0.75, min_agreement: float = 0.5, tile: int = 0):
         self.predictor = SamPredictor(sam)
         self.checkpoint_id = checkpoint_id
         self.cache = cache or EmbeddingCache()
         self.batch_size = max(1, int(batch_size))
         self.min_iou = min_iou
         self.min_agreement = min_agreement
+        self.tile = max(0, int(tile))
         self.lock = threading.RLock()
 
     @classmethod
@@ -277,18 +306,36 @@ class SamRefiner:
         """Refine YOLO's masks (k, H, W) inside their boxes (k, 4) on the image `pixels` (H, W) uint8
         (its embedding from the cache when `image_sha1` is known). Holds the predictor for the whole
         image; `timer` gets the stages sam_encoder and sam_decoder."""
-        timer = timer or StageTimer()
-        with self.lock:
-            with timer.stage("sam_encoder"):
-                self.set_image(pixels, image_sha1)
-            with timer.stage("sam_decoder"):
-                sam_masks, sam_iou = self.decode_boxes(boxes)
+        sam_masks, sam_iou = self.sam_masks(pixels, image_sha1, boxes, timer)
         return choose(sam_masks, sam_iou, yolo_masks, self.min_iou, self.min_agreement)
+
+    def sam_masks(self, pixels: np.ndarray, image_sha1: str, boxes: np.ndarray,
+                  timer: StageTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SAM's best mask (k, H, W) and predicted IoU (k,) for each box (k, 4): on the whole image's
+        embedding, or (`tile` > 0) on the embedding of the tile that holds the box with the widest
+        margin (`tile_windows`); each tile's embedding is cached like an image's."""
+        timer = timer or StageTimer()
+        h, w = pixels.shape[:2]
+        masks, ious = np.zeros((len(boxes), h, w), bool), np.zeros(len(boxes), np.float32)
+        with self.lock:
+            for window, members in tile_windows(boxes, (h, w), self.tile).items():
+                x0, y0, x1, y1 = window or (0, 0, w, h)
+                with timer.stage("sam_encoder"):
+                    self.set_image(pixels[y0:y1, x0:x1], image_sha1 if window is None else
+                                   f"{image_sha1}@{x0},{y0},{x1},{y1}")
+                with timer.stage("sam_decoder"):
+                    m, iou = self.decode_boxes(boxes[members] - np.array([x0, y0, x0, y0], dtype=float))
+                masks[members, y0:y1, x0:x1] = m
+                ious[members] = iou
+        return masks, ious
 
     def prompt(self, pixels: np.ndarray, image_sha1: str, box: np.ndarray | None = None,
                points: np.ndarray | None = None, point_labels: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """Interactive prompt: a box (4,) and/or points (p, 2) with labels (p,) 1=foreground 0=background,
         original pixels -> SAM's best mask (H, W) bool and its predicted IoU."""
+        if box is not None and points is None and self.tile:
+            masks, ious = self.sam_masks(pixels, image_sha1, np.asarray(box, dtype=float)[None])
+            return masks[0], float(ious[0])
         with self.lock:
             self.set_image(pixels, image_sha1)
             masks, scores, _ = self.predictor.predict(point_coords=points, point_labels=point_labels,

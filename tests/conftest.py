@@ -446,7 +446,8 @@ def make_stack(tmp_path, trained_weights, sam_checkpoint):
         settings = {
             "LABEL_STUDIO_PORT": free_port(), "BACKEND_PORT": free_port(), "REDIS_PORT": free_port(),
             "LABEL_STUDIO_USER_TOKEN": token, "YOLO_WEIGHTS": trained_weights if yolo_weights else "",
-            "SAM_CHECKPOINT": sam_checkpoint, "SAM_MODEL_TYPE": "vit_tiny", "RETRAIN_MIN_NEW_ANNOTATIONS": 5,
+            "SAM_CHECKPOINT": sam_checkpoint, "SAM_MODEL_TYPE": "vit_tiny", "SAM_PREANNOTATE": "true",
+            "RETRAIN_MIN_NEW_ANNOTATIONS": 5,
             "TRAIN_AFTER_ANNOTATIONS": 0, "YOLO_VERBOSE": "False", "IDLE_TRAINING_ROUNDS": 0,
             **(QUICK_TRAINING if quick_training else {}), **env,
         }

@@ -96,7 +96,7 @@ def serve(start_backend, tmp_path, trained_weights, synth_dir, **sam):
     bad.mkdir(exist_ok=True)
     (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     Image.new("L", (12000, 12000)).save(bad / "bomb.png")
-    server = start_backend(MODEL_DIR=models, **sam, LOCAL_FILES_DOCUMENT_ROOT=synth_dir,
+    server = start_backend(MODEL_DIR=models, **sam, SAM_PREANNOTATE="true", LOCAL_FILES_DOCUMENT_ROOT=synth_dir,
                            MAX_IMAGE_PIXELS=50_000_000 // 2, SCORE_THRESHOLD=0.05, PREDICT_BATCH_LIMIT=0)
     names = sorted(p.name for p in images.iterdir())
     return server, version, names

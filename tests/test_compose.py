@@ -35,7 +35,8 @@ ANNOTATED = 4
 COMPOSE_BIN = Path(sys.executable).parent / "docker-compose"
 ENV_SETTINGS = {  # .env lines the test changes: secrets, a free port, the test SAM, the quick test budget, no idle rounds
     "LABEL_STUDIO_PASSWORD": "compose-e2e-password", "LABEL_STUDIO_USER_TOKEN": TOKEN,
-    "SAM_MODEL_TYPE": "vit_tiny", "RETRAIN_MIN_NEW_ANNOTATIONS": str(ANNOTATED), "TRAIN_AFTER_ANNOTATIONS": "0",
+    "SAM_MODEL_TYPE": "vit_tiny", "SAM_PREANNOTATE": "true", "RETRAIN_MIN_NEW_ANNOTATIONS": str(ANNOTATED),
+    "TRAIN_AFTER_ANNOTATIONS": "0",
     "IDLE_TRAINING_ROUNDS": "0", **{k: str(v) for k, v in QUICK_TRAINING.items()},
 }
 

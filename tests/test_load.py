@@ -25,7 +25,7 @@ def test_twenty_concurrent_predicts(start_backend, synth_dir, trained_weights, s
     models = tmp_path / "models"
     version = register_model(models, "1", trained_weights)
     server = start_backend(MODEL_DIR=models, SAM_CHECKPOINT=sam_checkpoint, SAM_MODEL_TYPE="vit_tiny",
-                           LOCAL_FILES_DOCUMENT_ROOT=synth_dir, SCORE_THRESHOLD=0.05)
+                           SAM_PREANNOTATE="true", LOCAL_FILES_DOCUMENT_ROOT=synth_dir, SCORE_THRESHOLD=0.05)
     names = sorted(p.name for p in (synth_dir / "images").iterdir())[:20]
     config = render_label_config()
 

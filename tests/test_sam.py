@@ -167,3 +167,56 @@ def test_a_new_process_reuses_the_embedding_on_disk_and_a_torn_file_is_rewritten
     other = SamRefiner.load("vit_tiny", tiny, cache=EmbeddingCache(4, tmp_path))
     assert other.set_image(generate(3, size=SIZE).image, "synthetic-3") is False
     assert len(list(tmp_path.rglob("*.pt"))) == 2
+
+
+# --- SAM's input: the whole image or tiles (SAM_TILE) -----------------------------------------------
+
+def test_tile_windows_hold_every_tooth_box_inside_the_image():
+    from backend.sam import tile_windows
+
+    s = generate(5, size=(2000, 1000))
+    boxes = np.array([box_of(m) for m in s.masks().values() if m.any()])
+    assert tile_windows(boxes, (1000, 2000), 0) == {None: list(range(len(boxes)))}
+    assert tile_windows(boxes, (1000, 2000), 2000) == {None: list(range(len(boxes)))}
+    groups = tile_windows(boxes, (1000, 2000), 512)
+    assert None not in groups and sorted(i for members in groups.values() for i in members) == list(range(len(boxes)))
+    for (x0, y0, x1, y1), members in groups.items():
+        assert (x1 - x0, y1 - y0) == (512, 512) and 0 <= x0 and x1 <= 2000 and 0 <= y0 and y1 <= 1000
+        b = boxes[members]
+        assert (b[:, 0] >= x0).all() and (b[:, 2] <= x1).all() and (b[:, 1] >= y0).all() and (b[:, 3] <= y1).all()
+    wide = np.array([[10, 10, 900, 200]], dtype=float)  # wider than a tile: the whole image
+    assert tile_windows(wide, (1000, 2000), 512) == {None: [0]}
+
+
+def test_tiles_put_each_mask_back_where_its_tooth_is(lite_medsam):
+    """With SAM_TILE a box is prompted on its tile's embedding and its mask pasted back at the
+    tile's place in the image: on a 2000x1000 synthetic panoramic the masks lie on their teeth."""
+    s = generate(5, size=(2000, 1000))
+    masks = {label: m for label, m in s.masks().items() if label[0] in "12" and m.sum() >= 200}
+    tiled = SamRefiner(lite_medsam.predictor.model, lite_medsam.checkpoint_id, lite_medsam.cache, 4, tile=512)
+    labels = sorted(masks)
+    out, _ = tiled.sam_masks(s.image, "synthetic-5", np.array([box_of(masks[label]) for label in labels]))
+    dices = [dice(out[i], masks[label]) for i, label in enumerate(labels)]
+    assert np.median(dices) >= 0.7, np.round(dices, 2)
+    one, _ = tiled.prompt(s.image, "synthetic-5", box=box_of(masks[labels[0]]))  # interactive: the same tile
+    assert dice(one, masks[labels[0]]) >= 0.5
+
+
+def test_pre_annotations_use_sam_only_with_sam_preannotate(tmp_path, trained_weights):
+    """By default the pre-annotation masks are the learned refiner's (LiteMedSAM did not beat them on
+    real radiographs, bench/results/sam.md) while SAM is loaded for the interactive mode;
+    SAM_PREANNOTATE=true runs SAM on every pre-annotated image."""
+    from backend.images import XrayImage
+    from backend.timing import StageTimer
+    from conftest import SYNTH_SIZE, register_model
+
+    register_model(tmp_path, "1", trained_weights)
+    image = XrayImage.of(generate(11, size=SYNTH_SIZE).image, "synthetic-11")
+    stages = {}
+    for flag in ("false", "true"):
+        runtime = Runtime(Settings.from_env({"MODEL_DIR": str(tmp_path), "SAM_PREANNOTATE": flag}))
+        timer = StageTimer()
+        assert runtime.serve("1").pipeline.run(image, timer)
+        assert runtime.refiner() is not None  # LiteMedSAM, for the interactive mode
+        stages[flag] = set(timer.seconds)
+    assert "sam_encoder" not in stages["false"] and "sam_encoder" in stages["true"]

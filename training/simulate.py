@@ -300,7 +300,8 @@ class SimProject:
 
         return SamRefiner.load(self.config.sam, self.config.sam_checkpoint, self.config.device,
                                EmbeddingCache(len(self.samples)), batch_size=self.settings.sam_batch_size,
-                               min_iou=self.settings.sam_min_iou, min_agreement=self.settings.sam_min_agreement)
+                               min_iou=self.settings.sam_min_iou, min_agreement=self.settings.sam_min_agreement,
+                               tile=self.settings.sam_tile)
 
     def item(self, key: str):
         return self.samples[key].item(key)

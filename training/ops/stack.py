@@ -41,7 +41,8 @@ DEFAULTS = {
 
 # Variables the backend and the worker get, in both the compose file and the native stack.
 APP_ENV = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "MODEL_DIR", "SAM_CHECKPOINT", "SAM_MODEL_TYPE",
-           "YOLO_WEIGHTS", "LOCAL_FILES_DOCUMENT_ROOT", "EMBEDDING_CACHE_DIR", "RETRAIN_MIN_NEW_ANNOTATIONS",
+           "SAM_PREANNOTATE", "YOLO_WEIGHTS", "LOCAL_FILES_DOCUMENT_ROOT", "EMBEDDING_CACHE_DIR",
+           "RETRAIN_MIN_NEW_ANNOTATIONS",
            "TRAIN_QUEUE", "PREANNOTATE_QUEUE", "IDLE_QUEUE", "LABEL_STUDIO_ML_BACKEND_V2", "DEVICE", "BASIC_AUTH_USER",
            "BASIC_AUTH_PASS", "WEBHOOK_SECRET")
 # Variables of the Label Studio service (both places).
@@ -124,7 +125,8 @@ class Stack:
             "REDIS_URL": self.redis_url,
             "MODEL_DIR": str(self.data / "models"),
             "SAM_CHECKPOINT": self.env.get("SAM_CHECKPOINT", ""),
-            "SAM_MODEL_TYPE": self.env.get("SAM_MODEL_TYPE", "vit_b"),
+            "SAM_MODEL_TYPE": self.env.get("SAM_MODEL_TYPE", "lite_medsam"),
+            "SAM_PREANNOTATE": self.env.get("SAM_PREANNOTATE", "false"),
             "YOLO_WEIGHTS": self.env.get("YOLO_WEIGHTS", ""),
             "LOCAL_FILES_DOCUMENT_ROOT": str(self.images.parent),
             "EMBEDDING_CACHE_DIR": str(self.data / "embeddings"),
