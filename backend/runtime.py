@@ -133,7 +133,7 @@ class Runtime:
         if detector is None:
             return Served(version, None)
         opts = options or PipelineOptions.from_settings(self.settings)
-        return Served(version, Pipeline(detector, self.refiner(), opts))
+        return Served(version, Pipeline(detector, self.refiner() if opts.use_sam else None, opts))
 
 
 _runtime: Runtime | None = None

@@ -23,6 +23,7 @@ import os
 import shlex
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,48 @@ class _Region:
     mask: np.ndarray
 
 
+def interactive(weights: Path, images, refiner, settings) -> dict[str, list[float]]:
+    """The interactive mode on the teeth the model missed (no region matched): SAM's mask from a
+    box drawn around each (exact: the expert mask's box; loose: 10% of its size wider on every
+    side), prompted as `/predict` with Label Studio's interactive context does
+    (`SamRefiner.prompt`, the whole image); Dice against the expert's mask, and the filled exact
+    box's. Time per prompt: the first on an image (cold: the encoder runs) and a second one (the
+    cached embedding), with a fresh embedding cache."""
+    from bench_real import match
+
+    from backend.detector import Detector
+    from backend.images import XrayImage
+    from backend.pipeline import Pipeline, PipelineOptions
+    from backend.sam import EmbeddingCache, SamRefiner
+    from training.metrics import dice
+
+    served = Pipeline(Detector.load(weights, conf=settings.detector_conf), None,
+                      PipelineOptions.from_settings(settings, use_sam=False))
+    fresh = SamRefiner(refiner.predictor.model, refiner.checkpoint_id, EmbeddingCache(2))
+    out: dict[str, list[float]] = {}
+    for name, pixels, truth in images:
+        image = XrayImage.of(pixels, name)
+        proposal = served.propose(image)
+        found = {label for _, label, _ in match([_Region(m) for m in proposal.masks], truth)}
+        h, w = pixels.shape
+        for k, label in enumerate(sorted(set(truth) - found)):
+            ys, xs = np.nonzero(truth[label])
+            exact = np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=float)
+            dx, dy = 0.1 * (exact[2] - exact[0]), 0.1 * (exact[3] - exact[1])
+            loose = np.clip(exact + np.array([-dx, -dy, dx, dy]), 0, [w - 1, h - 1, w - 1, h - 1])
+            for kind, box in (("exact box", exact), ("loose box (+10% a side)", loose)):
+                t = time.perf_counter()
+                mask, _ = fresh.prompt(pixels, image.sha1, box=box)
+                seconds = time.perf_counter() - t
+                out.setdefault(kind, []).append(dice(mask, truth[label]))
+                out.setdefault("cold s" if k == 0 and kind == "exact box" else "cached s", []).append(seconds)
+            filled = np.zeros_like(truth[label])
+            x0, y0, x1, y1 = exact.astype(int)
+            filled[y0:y1 + 1, x0:x1 + 1] = True
+            out.setdefault("the exact box filled (no SAM)", []).append(dice(filled, truth[label]))
+    return out
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -165,6 +208,10 @@ def main() -> int:
     if not per_model:
         raise SystemExit("no models in " + ", ".join(map(str, args.real_work)))
 
+    first_weights = next(weights for work in args.real_work for _, weights in models_of(work))
+    clicks = interactive(first_weights, images, base, settings)
+    print("interactive: done", flush=True)
+
     sources = list(next(iter(per_model.values())))
     command = shlex.join([".venv/bin/python", "bench/bench_sam.py", *sys.argv[1:]])
     teeth = sum(len(s.dice) for s in (m[sources[0]] for m in per_model.values()))
@@ -194,6 +241,19 @@ def main() -> int:
         stages = timing.get(input_name(tile), {})
         lines.append(f"| {input_name(tile)} | {spread(stages.get('sam_encoder', [0.0]))} | "
                      f"{spread(stages.get('sam_decoder', [0.0]))} |")
+    missed = len(clicks.get("exact box", []))
+    lines += ["", f"## Interactive: a box around a tooth the model missed ({missed} teeth, "
+              f"{next(iter(per_model))})", "",
+              "The box prompted as `/predict` does with Label Studio's interactive context (`SamRefiner.prompt`, "
+              "whole image); Dice against the expert's mask, mean and median over teeth.", "",
+              "| prompt | mean Dice | median Dice |", "|---|---|---|"]
+    for kind in ("exact box", "loose box (+10% a side)", "the exact box filled (no SAM)"):
+        values = clicks.get(kind, [])
+        if values:
+            lines.append(f"| {kind} | {np.mean(values):.3f} | {np.median(values):.3f} |")
+    lines += ["", "| request | seconds per prompt (SAM) |", "|---|---|",
+              f"| first prompt on an image (encoder + decoder) | {spread(clicks.get('cold s', [0.0]))} |",
+              f"| later prompts (cached embedding) | {spread(clicks.get('cached s', [0.0]))} |"]
     write_report(lines, args.out)
     return 0
 

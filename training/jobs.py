@@ -107,7 +107,8 @@ def pseudo_labels(settings: Settings, current_weights: Path, unlabeled: list[dic
     from backend.pipeline import Pipeline
     from backend.runtime import Runtime
 
-    pipeline = Pipeline(Detector.load(current_weights, device=settings.device), Runtime(settings).refiner(),
+    pipeline = Pipeline(Detector.load(current_weights, device=settings.device),
+                        Runtime(settings).refiner() if settings.sam_preannotate else None,
                         PipelineOptions.from_settings(settings))
     images, records = [], []
     for i, task in enumerate(unlabeled):

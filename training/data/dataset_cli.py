@@ -12,8 +12,8 @@ STS submissions from a model, and the STS metrics of a submission.
 - export: the chosen annotation per task (`training.export.annotated_tasks`), images downloaded
   with the backend's loader, written in a dataset format, optionally split into train/val by
   task id (`training.dataset.split_train_val`).
-- predict: a folder of images through the backend's pipeline (detector, FDI numbering, SAM when
-  SAM_CHECKPOINT is set), one file per image (Labelme: `<image stem>.json`, as STS expects).
+- predict: a folder of images through the backend's pipeline (detector, FDI numbering, mask
+  refiner, SAM with SAM_PREANNOTATE=true), one file per image (Labelme: `<image stem>.json`, as STS expects).
 - evaluate: STS metrics of a folder of Labelme predictions against Labelme ground truth, with
   both NSD variants, and a per-image CSV.
 
@@ -333,7 +333,8 @@ def _pipeline(args: argparse.Namespace, settings: Settings) -> tuple[Pipeline, s
         except Exception as exc:  # torch / ultralytics raise many types for a file that is not their checkpoint
             raise CLIError(f"--model {weights}: cannot load YOLOv8-seg weights "
                                f"({exc.__class__.__name__}: {exc})") from None
-        return Pipeline(detector, runtime.refiner(), PipelineOptions.from_settings(settings)), weights.name
+        return Pipeline(detector, runtime.refiner() if settings.sam_preannotate else None,
+                        PipelineOptions.from_settings(settings)), weights.name
     if args.project:
         project = project_key(args.project)
     else:
