@@ -48,6 +48,7 @@ class SourceScores:
     nsd: list[float] = field(default_factory=list)
     instance_dice: list[float] = field(default_factory=list)
     took_sam: int = 0
+    regions: int = 0
 
 
 def models_of(work: Path):
@@ -109,6 +110,7 @@ def score_model(weights: Path, images, refiners, settings, timing: dict | None) 
             served_masks = {a.label: m for a, m in zip(proposal.numbered, masks) if m.any()}
             scores.instance_dice.append(score_image(served_masks, truth).instance_dice)
             scores.took_sam += int(used.sum()) if used is not None else 0
+            scores.regions += len(masks)
     return out
 
 
@@ -226,13 +228,15 @@ def main() -> int:
              "SAM's mask. Choices: SAM's mask where its predicted IoU >= SAM_MIN_IOU and it overlaps the learned "
              "refiner's mask by IoU >= SAM_MIN_AGREEMENT, else the refiner's (shipped: "
              f"{settings.sam_min_iou:g} / {settings.sam_min_agreement:g}).", "",
-             "| masks | tooth Dice | tooth NSD | instance Dice | took SAM |", "|---|---|---|---|---|"]
+             "| masks | tooth Dice | tooth NSD | instance Dice | regions that took SAM's mask (all, matched or not) |",
+             "|---|---|---|---|---|"]
     for source in sources:
         pooled = [m[source] for m in per_model.values()]
         dices = [d for s in pooled for d in s.dice]
         nsds = [d for s in pooled for d in s.nsd]
         took = sum(s.took_sam for s in pooled)
-        took_text = f"{took} of {len(dices)}" if source.startswith("choice") else "-"
+        regions = sum(s.regions for s in pooled)
+        took_text = f"{took} of {regions}" if source.startswith("choice") else "-"
         lines.append(f"| {source} | {np.mean(dices):.3f} | {np.mean(nsds):.3f} | "
                      f"{spread([float(np.mean(s.instance_dice)) for s in pooled])} | {took_text} |")
     lines += ["", "## Time per image (this machine; the first model's pass: every embedding computed)", "",
