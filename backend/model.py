@@ -94,7 +94,8 @@ class ToothSegBackend(LabelStudioMLBase):
         refiner = self.runtime.refiner()
         version = self.model_version
         if refiner is None:
-            logger.warning("interactive request, but SAM_CHECKPOINT is not set")
+            logger.warning("interactive request, but there are no SAM weights (SAM_CHECKPOINT for SAM_MODEL_TYPE=%s)",
+                           self.runtime.settings.sam_model_type)
             return {"result": [], "score": 0.0, "model_version": version}
         try:
             image = self.loader.load(task_image_url(task, target.value_key))

