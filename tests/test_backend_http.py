@@ -10,7 +10,7 @@ from PIL import Image
 
 from backend.formats import result_to_masks
 from backend.label_config import render_label_config
-from conftest import register_model
+from conftest import box_prompt, register_model
 
 CONFIG = render_label_config()
 POLY_CONFIG = """<View><Image name="img" value="$image"/>
@@ -211,11 +211,7 @@ def test_interactive_rectangle_prompts_sam(served_lite_medsam, synth_dir):
     from training.data.labelme import read_labelme
 
     masks, (h, w) = read_labelme(synth_dir / "labelme" / names[1].replace(".png", ".json"))
-    ys, xs = np.nonzero(masks["21"])
-    box = {"original_width": w, "original_height": h, "image_rotation": 0, "type": "rectanglelabels",
-           "from_name": "tooth_box", "to_name": "image", "origin": "manual", "id": "r1",
-           "value": {"x": xs.min() / w * 100, "y": ys.min() / h * 100, "width": (xs.max() - xs.min()) / w * 100,
-                     "height": (ys.max() - ys.min()) / h * 100, "rotation": 0, "rectanglelabels": ["21"]}}
+    box = box_prompt(masks["21"], "21")
     r = httpx.post(f"{server.url}/predict", json=predict_body([task(1, local(names[1]))], context={"result": [box]}),
                    timeout=300)
     regions = r.json()["results"][0]["result"]

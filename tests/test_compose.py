@@ -5,8 +5,10 @@ new version in the predictions), its persistence across `down` / `up`, and `down
 The engine is the test's own dockerd (tests/docker_engine.py). Images that cannot be pulled are
 replaced by stand-ins under the same names, so docker-compose.yml and the Dockerfile run unchanged.
 The toothseg image is built first, by `docker build` of the checkout's Dockerfile with the test's
-build arguments: its weights (a vit_tiny SAM and the small trained YOLO) and this machine's wheels,
-served over HTTP (what `docker compose up` would otherwise build from the default URLs). Then, in a
+build arguments: the small trained YOLO and this machine's wheels, served over HTTP (what `docker
+compose up` would otherwise build from the default URLs); SAM is the image's default, LiteMedSAM,
+whose weights come with its package (nothing served for it), and it redraws pre-annotations here
+and answers a box drawn in Label Studio's interactive mode. Then, in a
 copy of the checkout, README's steps: `cp .env.example .env` (test secrets and the quick test
 budget), an `images/` folder, `docker compose up`. Times go to bench/results/compose.md.
 """
@@ -19,11 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 import browser
-from conftest import QUICK_TRAINING, REPO, free_port, gt_result, wait_for
+from backend.formats import result_to_masks
+from conftest import QUICK_TRAINING, REPO, box_prompt, free_port, gt_result, wait_for
 from training.ops.stack import read_dotenv
 from docker_engine import CACHE, Engine, FileServer, build_wheelhouse, docker_binaries
 
@@ -33,10 +37,9 @@ TOKEN = "compose-e2e-token-0123456789"
 IMAGES = 6
 ANNOTATED = 4
 COMPOSE_BIN = Path(sys.executable).parent / "docker-compose"
-ENV_SETTINGS = {  # .env lines the test changes: secrets, a free port, the test SAM, the quick test budget, no idle rounds
-    "LABEL_STUDIO_PASSWORD": "compose-e2e-password", "LABEL_STUDIO_USER_TOKEN": TOKEN,
-    "SAM_MODEL_TYPE": "vit_tiny", "SAM_PREANNOTATE": "true", "RETRAIN_MIN_NEW_ANNOTATIONS": str(ANNOTATED),
-    "TRAIN_AFTER_ANNOTATIONS": "0",
+ENV_SETTINGS = {  # .env lines the test changes: secrets, a free port, SAM in pre-annotation, the quick test budget, no idle rounds
+    "LABEL_STUDIO_PASSWORD": "compose-e2e-password", "LABEL_STUDIO_USER_TOKEN": TOKEN, "SAM_PREANNOTATE": "true",
+    "RETRAIN_MIN_NEW_ANNOTATIONS": str(ANNOTATED), "TRAIN_AFTER_ANNOTATIONS": "0",
     "IDLE_TRAINING_ROUNDS": "0", **{k: str(v) for k, v in QUICK_TRAINING.items()},
 }
 
@@ -137,7 +140,7 @@ def engine(tmp_path_factory):
                       "the project holds the images and the backend is connected; 4 annotations retrain in the worker "
                       "container and the other tasks get predictions of the new version, which a headless Chromium "
                       "shows in the editor; annotations and models survive `down`/`up`; `down -v` removes the volumes")
-def test_docker_compose_up_runs_the_loop(engine, tmp_path, trained_weights, sam_checkpoint):
+def test_docker_compose_up_runs_the_loop(engine, tmp_path, trained_weights):
     import cv2
     from label_studio_sdk import LabelStudio
 
@@ -153,7 +156,6 @@ def test_docker_compose_up_runs_the_loop(engine, tmp_path, trained_weights, sam_
     start = time.monotonic()
     serve = tmp_path / "served"
     (serve / "weights").mkdir(parents=True)
-    shutil.copyfile(sam_checkpoint, serve / "weights" / "sam.pth")
     shutil.copyfile(trained_weights, serve / "weights" / "yolo.pt")
     (serve / "wheels").symlink_to(build_wheelhouse(ls_image.rsplit(":", 1)[1]))
     times["wheelhouse (pip download, kept in the cache)"] = time.monotonic() - start
@@ -168,9 +170,8 @@ def test_docker_compose_up_runs_the_loop(engine, tmp_path, trained_weights, sam_
         start = time.monotonic()
         engine.docker("build", "--network", "host", "-t", compose_file["x-app"]["image"],
                       "--build-arg", f"PIP_FIND_LINKS={server.url}/wheels/", "--build-arg", "PIP_NO_INDEX=1",
-                      "--build-arg", f"SAM_CHECKPOINT_URL={server.url}/weights/sam.pth",
-                      "--build-arg", f"YOLO_WEIGHTS_URL={server.url}/weights/yolo.pt",
-                      "--build-arg", "SAM_MODEL_TYPE=vit_tiny", str(project_dir), timeout=1800)
+                      "--build-arg", f"YOLO_WEIGHTS_URL={server.url}/weights/yolo.pt", str(project_dir),
+                      timeout=1800)
         engine.docker("image", "prune", "-f")  # the image an earlier run built from other code
         times["toothseg image (docker build)"] = time.monotonic() - start
     finally:
@@ -230,9 +231,26 @@ def test_docker_compose_up_runs_the_loop(engine, tmp_path, trained_weights, sam_
         assert re.search(rf"^{re.escape(version)}\s+current", listed, re.M), listed
         times["annotations -> retrain -> predictions of the new version"] = time.monotonic() - start
 
-        # the annotator's view: a pre-annotated task in a real browser
+        # Label Studio's interactive mode: a box drawn around a tooth -> the backend container's
+        # LiteMedSAM (packaged weights) -> that tooth's mask
         start = time.monotonic()
         task = min(rest)
+        sample = samples[next(t.data["image"] for t in tasks if t.id == task).rsplit("/", 1)[-1]]
+        masks = sample.masks()
+        label = sorted(masks)[len(masks) // 2]
+        answer = httpx.post(f"http://127.0.0.1:{port}/api/ml/{ml[0].id}/interactive-annotating",
+                            headers={"Authorization": f"Token {TOKEN}"}, timeout=300,
+                            json={"task": task, "context": {"result": [box_prompt(masks[label], label)]}}).json()
+        assert "errors" not in answer, answer
+        drawn = answer["data"]["result"]
+        assert [r["value"]["brushlabels"] for r in drawn] == [[label]], drawn
+        mask = result_to_masks(drawn)[label]
+        dice = 2 * (mask & masks[label]).sum() / (mask.sum() + masks[label].sum())
+        assert dice >= 0.7, dice
+        times["an interactive box -> LiteMedSAM's mask"] = time.monotonic() - start
+
+        # the annotator's view: a pre-annotated task in a real browser
+        start = time.monotonic()
         env = read_dotenv(project_dir / ".env")
         view = browser.open_task(f"http://127.0.0.1:{port}", env["LABEL_STUDIO_USERNAME"],
                                  env["LABEL_STUDIO_PASSWORD"], project.id, task,

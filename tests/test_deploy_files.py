@@ -18,8 +18,8 @@ import yaml
 from backend.settings import Settings
 from training.ops.bootstrap import TRAIN_AFTER_DEFAULT, BootstrapConfig
 from training.ops.cli import main
-from training.ops.stack import (APP_ENV, BOOTSTRAP_COMMAND, LABEL_STUDIO_ENV, PROCESS_ENV, Stack, backend_command,
-                                worker_command)
+from training.ops.stack import (APP_ENV, BOOTSTRAP_COMMAND, IMAGE_ENV, LABEL_STUDIO_ENV, PROCESS_ENV, Stack,
+                                backend_command, worker_command)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,8 +80,8 @@ def test_compose_and_native_stack_run_the_same_commands_and_variables(compose, t
                                                            "toothseg-preannotate", "toothseg-idle")
     assert services["bootstrap"]["command"] == BOOTSTRAP_COMMAND
     for name in ("backend", "worker"):
-        assert set(services[name]["environment"]) == set(APP_ENV)
-    assert set(APP_ENV) <= set(services["bootstrap"]["environment"])
+        assert set(services[name]["environment"]) == set(APP_ENV) - set(IMAGE_ENV)
+    assert set(APP_ENV) - set(IMAGE_ENV) <= set(services["bootstrap"]["environment"])
     assert set(LABEL_STUDIO_ENV) <= set(services["label-studio"]["environment"])
 
     for key in PROCESS_ENV:
@@ -150,10 +150,12 @@ def test_dockerfile(compose):
     commands = dockerfile.parse_file(str(REPO / "Dockerfile"))
     kinds = [c.cmd for c in commands]
     assert kinds[0] == "FROM" and "HEALTHCHECK" in kinds and kinds[-1] == "CMD"
-    args = {c.value[0].split("=")[0] for c in commands if c.cmd == "ARG"}
-    assert {"SAM_CHECKPOINT_URL", "YOLO_WEIGHTS_URL", "SAM_MODEL_TYPE"} <= args
+    args = dict((c.value[0].split("=", 1) + [None])[:2] for c in commands if c.cmd == "ARG")
+    assert {"SAM_CHECKPOINT_URL", "YOLO_WEIGHTS_URL", "SAM_MODEL_TYPE"} <= args.keys()
+    # SAM is LiteMedSAM from its package (the backend's default): no SAM checkpoint downloaded by default
+    assert args["SAM_CHECKPOINT_URL"] == "" and args["SAM_MODEL_TYPE"] == Settings.from_env({}).sam_model_type
     runs = " ".join(c.value[0] for c in commands if c.cmd == "RUN")
-    assert "${SAM_CHECKPOINT_URL}" in runs and "${YOLO_WEIGHTS_URL}" in runs  # weights fetched at build time
+    assert '[ -n "${SAM_CHECKPOINT_URL}" ]' in runs and "${YOLO_WEIGHTS_URL}" in runs  # weights fetched at build time
     assert [c.value[0] for c in commands if c.cmd == "FROM"] == ["python:3.11-slim"] * 2  # the requirements stage
     for c in commands:
         if c.cmd == "COPY" and not any(flag.startswith("--from=") for flag in c.flags):
@@ -165,8 +167,13 @@ def test_dockerfile(compose):
     for c in commands:
         if c.cmd == "ENV":
             env.update(dict(zip(c.value[::2], c.value[1::2])))
-    # the compose default (unset in .env: the image's ViT-B; set empty: LiteMedSAM's packaged weights)
-    assert compose["x-app-env"]["SAM_CHECKPOINT"] == "${SAM_CHECKPOINT-" + env["SAM_CHECKPOINT"] + "}"
+    # the checkpoint fetched when a URL is given, else empty (the packaged weights); compose and
+    # .env.example leave it to the image (a value there would point every container at another file)
+    assert env["SAM_CHECKPOINT"] == "${SAM_CHECKPOINT_URL:+/weights/sam.pth}"
+    assert set(IMAGE_ENV) <= env.keys() and not set(IMAGE_ENV) & compose["x-app-env"].keys()
+    assert not re.search(r"^SAM_CHECKPOINT=", (REPO / ".env.example").read_text(), re.M)
+    assert compose["services"]["backend"]["build"]["args"] == {"SAM_MODEL_TYPE": "${SAM_MODEL_TYPE:-lite_medsam}",
+                                                              "SAM_CHECKPOINT_URL": "${SAM_CHECKPOINT_URL:-}"}
     assert env["MODEL_DIR"] == compose["x-app-env"]["MODEL_DIR"]
     assert PROCESS_ENV.items() <= env.items()  # the backend and worker containers get the native stack's
 

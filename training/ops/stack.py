@@ -45,6 +45,9 @@ APP_ENV = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "MODEL_DIR",
            "RETRAIN_MIN_NEW_ANNOTATIONS",
            "TRAIN_QUEUE", "PREANNOTATE_QUEUE", "IDLE_QUEUE", "LABEL_STUDIO_ML_BACKEND_V2", "DEVICE", "BASIC_AUTH_USER",
            "BASIC_AUTH_PASS", "WEBHOOK_SECRET")
+# Of those, the ones the Docker image sets itself and docker-compose.yml leaves to it (.env may still
+# set them): SAM_CHECKPOINT is the checkpoint the build fetched, or empty for LiteMedSAM's packaged weights.
+IMAGE_ENV = ("SAM_CHECKPOINT",)
 # Variables of the Label Studio service (both places).
 LABEL_STUDIO_ENV = ("LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN", "ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED",
                     "LOCAL_FILES_SERVING_ENABLED", "LOCAL_FILES_DOCUMENT_ROOT", "LABEL_STUDIO_USERNAME",
