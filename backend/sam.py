@@ -16,6 +16,7 @@ optionally, on disk, so re-predicting an image after a retrain skips the encoder
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -264,6 +265,22 @@ class SamRefiner:
         logger.info("loading SAM %s from %s", model_type, checkpoint)
         return cls(build_sam(model_type, checkpoint, device), f"{model_type}-{file_identity(checkpoint)}", cache,
                    **options)
+
+    def with_decoder(self, state: dict) -> "SamRefiner":
+        """This refiner with a tuned prompt encoder and mask decoder (`state`, as
+        training.sam_training writes it): the same image encoder, so the same embeddings and cache."""
+        sam = self.predictor.model
+        tuned = type(sam)(image_encoder=sam.image_encoder, prompt_encoder=copy.deepcopy(sam.prompt_encoder),
+                          mask_decoder=copy.deepcopy(sam.mask_decoder), pixel_mean=sam.pixel_mean.flatten().tolist(),
+                          pixel_std=sam.pixel_std.flatten().tolist())
+        missing = [k for k in tuned.state_dict() if k.startswith(("prompt_encoder.", "mask_decoder.")) and k not in
+                   state]
+        if missing:
+            raise ValueError(f"not a SAM decoder state for this model: {len(missing)} weights missing "
+                             f"({missing[0]}, ...)")
+        tuned.load_state_dict(state, strict=False)
+        return SamRefiner(tuned.to(sam.device).eval(), self.checkpoint_id, self.cache, self.batch_size, self.min_iou,
+                          self.min_agreement, self.tile)
 
     @property
     def boxes_only(self) -> bool:

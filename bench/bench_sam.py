@@ -87,8 +87,9 @@ def input_name(tile: int) -> str:
 
 def score_model(weights: Path, images, refiners, settings, timing: dict | None) -> dict[str, SourceScores]:
     """Every source's scores for one model on `images` [(name, pixels, truth)]; SAM's masks from
-    each refiner in `refiners` (one per SAM input); `timing` (input -> stage -> seconds per image)
-    gets this model's SAM times when given (the first model: every embedding computed, none cached)."""
+    each (name, refiner, timed) in `refiners` (one per SAM input and decoder); `timing` (input ->
+    stage -> seconds per image) gets the timed refiners' SAM times when given (the first model:
+    every embedding computed, none cached)."""
     from bench_real import match
 
     from backend.detector import Detector
@@ -107,18 +108,18 @@ def score_model(weights: Path, images, refiners, settings, timing: dict | None) 
         proposal = served.propose(image)
         sources = {"detector's own masks": (own.propose(image).masks, None),
                    "learned refiner (served without SAM)": (proposal.masks, None)}
-        for refiner in refiners:
+        for sam_name, refiner, timed in refiners:
             timer = StageTimer()
             sam_masks, sam_iou = refiner.sam_masks(pixels, image.sha1, proposal.boxes, timer)
-            if timing is not None:
+            if timing is not None and timed:
                 for stage, seconds in timer.seconds.items():
                     timing.setdefault(input_name(refiner.tile), {}).setdefault(stage, []).append(seconds)
-            sources[f"SAM ({input_name(refiner.tile)}) from the detector's boxes"] = (sam_masks, None)
+            sources[f"{sam_name} from the detector's boxes"] = (sam_masks, None)
             for min_iou in MIN_IOUS:
                 for agreement in MIN_AGREEMENTS:
                     if min_iou or agreement:
                         chosen = choose(sam_masks, sam_iou, proposal.masks, min_iou, agreement)
-                        sources[f"choice, SAM {input_name(refiner.tile)}: SAM_MIN_IOU {min_iou:g}, "
+                        sources[f"choice, {sam_name}: SAM_MIN_IOU {min_iou:g}, "
                                 f"SAM_MIN_AGREEMENT {agreement:g}"] = (chosen.masks, chosen.used_sam)
         matches = match([_Region(m) for m in proposal.masks], truth)
         for source, (masks, used) in sources.items():
@@ -219,18 +220,38 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def evaluate(models: list[Model], images, tiles: list[int], base, settings):
-    """(per model: source -> scores, SAM input -> stage -> seconds per image of the first model)."""
+def evaluate(models: list[Model], images, tiles: list[int], base, settings, tuned: dict[str, dict] | None = None):
+    """(per model: source -> scores, SAM input -> stage -> seconds per image of the first model).
+    SAM: `base` at each input in `tiles`, and each tuned decoder in `tuned` (name -> state) too."""
     from backend.sam import SamRefiner
 
-    refiners = [SamRefiner(base.predictor.model, base.checkpoint_id, base.cache, settings.sam_batch_size, tile=tile)
-                for tile in tiles]
+    refiners = []
+    for tile in tiles:
+        refiner = SamRefiner(base.predictor.model, base.checkpoint_id, base.cache, settings.sam_batch_size, tile=tile)
+        refiners.append((f"SAM ({input_name(tile)})", refiner, True))
+        refiners += [(f"SAM {name} ({input_name(tile)})", refiner.with_decoder(state), False)
+                     for name, state in (tuned or {}).items()]
     timing: dict[str, dict[str, list[float]]] = {}
     per_model: dict[str, dict[str, SourceScores]] = {}
     for model in models:
         per_model[model.name] = score_model(model.weights, images, refiners, settings, None if per_model else timing)
         print(f"{model.name}: done", flush=True)
     return per_model, timing
+
+
+def tune(base, items, sizes: list[int], steps: int) -> tuple[dict[str, dict], list[str]]:
+    """A decoder tuned on the first N of `items` for each N in `sizes` (training.sam_training),
+    and a table of what each took."""
+    from training.sam_training import tune_sam
+
+    tuned, lines = {}, ["| tuned on | teeth | steps | seconds (encoding the images included) |", "|---|---|---|---|"]
+    for n in sizes:
+        result, state = tune_sam(base, items[:n], steps)
+        if state is not None:
+            tuned[f"tuned on {n} images"] = state
+        lines.append(f"| {n} images | {result.teeth} | {result.steps_run} | {result.seconds:.0f} |")
+        print(f"tuned on {n}: {result}", flush=True)
+    return tuned, lines
 
 
 def section(title: str, data: str, per_model, timing, tiles: list[int], settings) -> list[str]:
@@ -278,12 +299,16 @@ def main() -> int:
     parser.add_argument("--sam-model-type", default="lite_medsam")
     parser.add_argument("--sam-checkpoint", type=Path, help="default: the packaged weights (lite_medsam)")
     parser.add_argument("--images", type=int, default=0, help="the first N validation images (0: all)")
+    parser.add_argument("--models", type=int, default=0, help="the first N models of --real-work (0: all)")
     parser.add_argument("--tiles", type=int, nargs="+", default=[0, 256, 384],
                         help="SAM inputs to compare on real images (SAM_TILE values; 0: the whole image)")
     parser.add_argument("--synthetic", type=int, default=0, help="generated panoramics to score (0: none)")
     parser.add_argument("--synthetic-size", default="2000x1000")
     parser.add_argument("--synthetic-tiles", type=int, nargs="+", default=[0, 512, 768])
     parser.add_argument("--weights", help="the synthetic images' detector (default: bench_predict's, trained once)")
+    parser.add_argument("--tune", type=int, nargs="*", default=[],
+                        help="also SAM with its decoder tuned on the first N images of the pool's annotation split")
+    parser.add_argument("--tune-steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sam.md")
     args = parser.parse_args()
     if not (args.real_work and args.data) and not args.synthetic:
@@ -309,15 +334,22 @@ def main() -> int:
         import bench_real
 
         real = bench_real.RealData(args.data)
-        _, validation = bench_real.selection_split(sorted(real.loaders))
+        annotate, validation = bench_real.selection_split(sorted(real.loaders))
         images = [(name, item.pixels(), item.masks) for name in validation[:args.images or None]
                   if (item := real.get(name)) is not None]
-        models = [model for work in args.real_work for model in models_of(work)]
+        models = [model for work in args.real_work for model in models_of(work)][:args.models or None]
         if not models:
             raise SystemExit("no models in " + ", ".join(map(str, args.real_work)))
-        per_model, timing = evaluate(models, images, args.tiles, base, settings)
+        tuned, tune_lines = tune(base, [item for name in annotate[:max(args.tune, default=0)]
+                                       if (item := real.get(name)) is not None],
+                                 args.tune, args.tune_steps)
+        per_model, timing = evaluate(models, images, args.tiles, base, settings, tuned)
         lines += section("Real radiographs", f"UFBA-425 pool validation images ({len(images)}; never the held-out "
                          "test images)", per_model, timing, args.tiles, settings)
+        if tuned:
+            lines += [f"SAM's prompt encoder and mask decoder tuned (`training.sam_training.tune_sam`, "
+                      f"{args.tune_steps} steps) on the pool's annotation split, never on these images:", "",
+                      *tune_lines, ""]
         first = models[0]
         clicks = interactive(first, images, settings)
         print("interactive: done", flush=True)

@@ -1,0 +1,56 @@
+"""Tuning LiteMedSAM's prompt encoder and mask decoder on annotated teeth (training.sam_training),
+with its real weights on synthetic panoramics at its scale."""
+import numpy as np
+import pytest
+import torch
+
+from backend.images import pixel_hash
+from backend.sam import EmbeddingCache, SamRefiner
+from training.data.dataset_io import DatasetItem
+from training.data.synth import generate
+from training.sam_training import decoder_state, tune_sam
+
+SIZE = (512, 512)
+
+
+@pytest.fixture(scope="module")
+def lite_medsam() -> SamRefiner:
+    return SamRefiner.load("lite_medsam", None, cache=EmbeddingCache(8), batch_size=4)
+
+
+def tooth_dice(refiner: SamRefiner, sample) -> float:
+    """Mean Dice of SAM's masks from each tooth's own box."""
+    masks = [m for m in sample.masks().values() if m.sum() >= 200]
+    boxes = np.array([[xs.min(), ys.min(), xs.max(), ys.max()] for ys, xs in (np.nonzero(m) for m in masks)], float)
+    found, _ = refiner.sam_masks(sample.image, pixel_hash(sample.image), boxes)
+    return float(np.mean([2 * (f & m).sum() / (f.sum() + m.sum()) for f, m in zip(found, masks)]))
+
+
+def test_tuning_on_annotated_teeth_gives_better_masks_on_another_image(lite_medsam):
+    """Tuned on two annotated images (6 steps of 6 teeth; 8 steps of 8 measured 0.894 -> 0.950 on
+    the third image), SAM draws the teeth of a third better than the shipped decoder does, from the same boxes, on the same embeddings (the tuned refiner finds the third
+    image's embedding in the shared cache). The shipped refiner is left as it was."""
+    train = [generate(seed, SIZE).item(f"s{seed}") for seed in (41, 42)]
+    other = generate(43, SIZE)
+    before = tooth_dice(lite_medsam, other)
+    shipped = {k: v.clone() for k, v in decoder_state(lite_medsam.predictor.model).items()}
+
+    result, state = tune_sam(lite_medsam, train, steps=6, images_per_step=1, boxes_per_image=6, lr=3e-4)
+    assert (result.images, result.steps_run, result.stopped_by) == (2, 6, "steps") and result.teeth >= 40
+    assert state is not None and all(k.startswith(("prompt_encoder.", "mask_decoder.")) for k in state)
+    tuned = lite_medsam.with_decoder(state)
+    assert tuned.cache is lite_medsam.cache and tuned.checkpoint_id == lite_medsam.checkpoint_id
+    with tuned.lock:
+        assert tuned.set_image(other.image, pixel_hash(other.image)), "the embedding comes from the shared cache"
+    after = tooth_dice(tuned, other)
+    assert after >= before + 0.02, (before, after)
+    assert all(torch.equal(v, shipped[k]) for k, v in decoder_state(lite_medsam.predictor.model).items())
+    assert tooth_dice(lite_medsam, other) == pytest.approx(before)
+
+
+def test_no_annotated_teeth_no_state_and_a_foreign_state_is_refused(lite_medsam):
+    empty = DatasetItem("empty", generate(44, SIZE).image, {})
+    result, state = tune_sam(lite_medsam, [empty], steps=5)
+    assert state is None and (result.teeth, result.steps_run, result.stopped_by) == (0, 0, "no teeth")
+    with pytest.raises(ValueError, match="not a SAM decoder state"):
+        lite_medsam.with_decoder({"mask_decoder.iou_token.weight": torch.zeros(1, 256)})
