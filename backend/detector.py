@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 REFINER_MIN_AGREEMENT = 0.5
 """IoU between the learned refiner's mask and the guided-filter mask below which the refiner is
 taken to have lost the tooth (an undertrained refiner, an unusual crop) and the latter is kept."""
+SAM_DECODER_KEY = "toothseg_sam_decoder"
+"""Checkpoint entry of SAM's prompt encoder and mask decoder tuned with the model: {"base": the id of
+the SAM checkpoint they were tuned from, "state": their weights, "training": how}
+(training.sam_training)."""
 
 
 @dataclass
@@ -171,9 +175,11 @@ class Detector:
     """A loaded YOLOv8-seg model. Thread-safe: one forward pass at a time."""
 
     def __init__(self, model: torch.nn.Module, imgsz: int, device: str = "cpu", conf: float = 0.05,
-                 iou: float = 0.6, max_det: int = 100, refiner: MaskRefiner | None = None):
+                 iou: float = 0.6, max_det: int = 100, refiner: MaskRefiner | None = None,
+                 sam_decoder: dict | None = None):
         self.model = model
         self.refiner = refiner
+        self.sam_decoder = sam_decoder  # SAM's decoder tuned with this model (training.sam_training), or None
         self.imgsz = int(imgsz)
         self.device = torch.device(device)
         self.conf = conf
@@ -191,13 +197,14 @@ class Detector:
     @classmethod
     def load(cls, weights: Path, imgsz: int | None = None, device: str = "cpu", **kwargs) -> "Detector":
         """Load an ultralytics .pt (toothseg's or any YOLOv8-seg whose class names are FDI labels),
-        with the mask refiner trained with it when the checkpoint holds one."""
+        with the mask refiner and the SAM decoder trained with it when the checkpoint holds them."""
         model, ckpt = load_checkpoint(str(weights), device=torch.device(device), fuse=True)
         if imgsz is None:
             imgsz = int((ckpt.get("train_args") or {}).get("imgsz") or 640)
         state = ckpt.get(CHECKPOINT_KEY)
         refiner = MaskRefiner.from_state(state, device) if state else None
-        return cls(model.eval(), imgsz=imgsz, device=device, refiner=refiner, **kwargs)
+        return cls(model.eval(), imgsz=imgsz, device=device, refiner=refiner,
+                   sam_decoder=ckpt.get(SAM_DECODER_KEY), **kwargs)
 
     def prepare(self, pixels: np.ndarray) -> torch.Tensor:
         """(H, W) uint8 grey -> the letterboxed (1, 3, h, w) input in [0, 1] on the model's device."""

@@ -91,7 +91,7 @@ class ToothSegBackend(LabelStudioMLBase):
 
     def predict_interactive(self, task: Mapping[str, Any], target: Target, context: Mapping[str, Any]) -> dict:
         """SAM on the annotator's keypoints (foreground/background) or rectangle -> one region."""
-        refiner = self.runtime.refiner()
+        refiner = self.runtime.refiner_for(self.runtime.detector(self.project)[1])
         version = self.model_version
         if refiner is None:
             logger.warning("interactive request, but there are no SAM weights (SAM_CHECKPOINT for SAM_MODEL_TYPE=%s)",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class Runtime:
         self._broken: set[tuple[str, str]] = set()  # (project, version) that failed to load
         self._refiner: SamRefiner | None = None
         self._refiner_loaded = False
+        self._tuned: weakref.WeakKeyDictionary[Detector, SamRefiner] = weakref.WeakKeyDictionary()
         self._base: tuple[str, Detector] | None = None
         self._base_failed = False
         set_torch_threads(settings.torch_threads)
@@ -86,6 +88,24 @@ class Runtime:
                     batch_size=s.sam_batch_size, min_iou=s.sam_min_iou, min_agreement=s.sam_min_agreement,
                     tile=s.sam_tile)
             return self._refiner
+
+    def refiner_for(self, detector: Detector | None) -> SamRefiner | None:
+        """The SAM serving `detector`'s model: the shipped one, with the prompt encoder and mask
+        decoder tuned with that model when its checkpoint carries them for this SAM (same
+        checkpoint id; the embeddings and their cache are shared)."""
+        base = self.refiner()
+        tuned = detector.sam_decoder if detector is not None else None
+        if base is None or not tuned:
+            return base
+        if tuned.get("base") != base.checkpoint_id:
+            logger.warning("the model's SAM decoder was tuned from %s, not %s (SAM_MODEL_TYPE / SAM_CHECKPOINT): "
+                           "serving the shipped decoder", tuned.get("base"), base.checkpoint_id)
+            return base
+        with self._lock:
+            refiner = self._tuned.get(detector)
+            if refiner is None:
+                refiner = self._tuned[detector] = base.with_decoder(tuned["state"])
+            return refiner
 
     def _load_detector(self, weights: Path) -> Detector:
         return Detector.load(weights, device=self.settings.device, conf=self.settings.detector_conf)
@@ -134,7 +154,7 @@ class Runtime:
         if detector is None:
             return Served(version, None)
         opts = options or PipelineOptions.from_settings(self.settings)
-        return Served(version, Pipeline(detector, self.refiner() if opts.use_sam else None, opts))
+        return Served(version, Pipeline(detector, self.refiner_for(detector) if opts.use_sam else None, opts))
 
 
 _runtime: Runtime | None = None

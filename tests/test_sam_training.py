@@ -1,5 +1,7 @@
 """Tuning LiteMedSAM's prompt encoder and mask decoder on annotated teeth (training.sam_training),
 with its real weights on synthetic panoramics at its scale."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -54,3 +56,44 @@ def test_no_annotated_teeth_no_state_and_a_foreign_state_is_refused(lite_medsam)
     assert state is None and (result.teeth, result.steps_run, result.stopped_by) == (0, 0, "no teeth")
     with pytest.raises(ValueError, match="not a SAM decoder state"):
         lite_medsam.with_decoder({"mask_decoder.iou_token.weight": torch.zeros(1, 256)})
+
+
+def test_a_retrain_with_train_sam_steps_stores_the_tuned_sam_and_the_backend_serves_it(tmp_path, lite_medsam):
+    """TRAIN_SAM_STEPS > 0: the retrain job tunes SAM after the refiner and writes the decoder into
+    the version's weights (its meta says how); the backend serves that version with it, on the
+    shipped encoder. A decoder tuned from another SAM checkpoint is not served."""
+    from backend.detector import Detector
+    from backend.pipeline import PipelineOptions
+    from backend.registry import Registry
+    from backend.runtime import Runtime
+    from backend.settings import Settings
+    from conftest import register_model
+    from training.jobs import Progress, run_round
+    from training.sam_training import write_decoder
+    from training.simulate import SimProject, preset
+
+    sim = SimProject(preset("smoke"), 0, tmp_path, log=lambda line: None)
+    config = replace(sim.config_for({"TRAIN_SAM_STEPS": "2"}), time_budget=0)
+    summary = run_round("101", sim.settings, sim.exported(sim.keys["lab"]), "sam-test", config, Progress("101", 0))
+    version = Registry(sim.settings.model_dir).get("101", summary["version"])
+    assert version.meta["sam_decoder"]["steps_run"] == 2 and version.meta["sam_decoder"]["images"] >= 1
+    detector = Detector.load(version.weights)
+    runtime = Runtime(sim.settings)
+    shipped = runtime.refiner()
+    assert detector.sam_decoder["base"] == shipped.checkpoint_id == lite_medsam.checkpoint_id
+    tuned = runtime.refiner_for(detector)
+    assert tuned is not shipped and tuned is runtime.refiner_for(detector)  # built once per loaded model
+    assert tuned.predictor.model.image_encoder is shipped.predictor.model.image_encoder
+    served = decoder_state(tuned.predictor.model)
+    assert all(torch.equal(served[k], v) for k, v in detector.sam_decoder["state"].items())
+    assert not all(torch.equal(served[k], v) for k, v in decoder_state(shipped.predictor.model).items())
+    # pre-annotation with SAM serves the version's own decoder (promoted or not, the gate's call)
+    serving = Runtime(Settings.from_env({**sim.env, "MODEL_DIR": str(tmp_path / "serving")}))
+    register_model(tmp_path / "serving", "1", version.weights)
+    pipeline = serving.serve("1", PipelineOptions(use_sam=True)).pipeline
+    assert pipeline.refiner is serving.refiner_for(pipeline.detector) and pipeline.refiner is not serving.refiner()
+
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(version.weights.read_bytes())
+    write_decoder(foreign, detector.sam_decoder["state"], "vit_b-0123456789abcdef", tune_sam(lite_medsam, [], 1)[0])
+    assert runtime.refiner_for(Detector.load(foreign)) is shipped

@@ -40,6 +40,8 @@ from training.export import AnnotatedTask, ExportError, annotated_tasks, export_
 from training.ops.ls_status import LabelStudioStatus
 from backend.registry import promote, reject, store_version, utc_now
 from training.refiner_training import RefinerResult, reserve_seconds, train_refiner
+from training.sam_training import SamTuneResult, tune_sam, write_decoder
+from training.sam_training import reserve_seconds as sam_reserve_seconds
 from training.train import TrainConfig, TrainResult, train_model
 
 logger = logging.getLogger("toothseg.retrain")
@@ -234,6 +236,29 @@ def refiner_step(settings: Settings, data: Dataset, result: TrainResult, current
                          on_step=lambda i, n: report("refiner", f"step {i}/{n}", i / n) if i % 25 == 0 else None)
 
 
+def sam_step(settings: Settings, data: Dataset, result: TrainResult, current: ModelVersion | None,
+             config: TrainConfig, deadline: float | None, report: Progress) -> SamTuneResult | None:
+    """Tune SAM's prompt encoder and mask decoder on the train split (TRAIN_SAM_STEPS > 0; from the
+    current model's tuned decoder when it has one for this SAM) and store them in the candidate's
+    weights. None when off or without SAM weights."""
+    from backend.detector import Detector
+    from backend.runtime import Runtime
+
+    if config.sam_steps <= 0:
+        return None
+    runtime = Runtime(settings)
+    shipped = runtime.refiner()
+    if shipped is None:
+        return None
+    start = runtime.refiner_for(Detector.load(current.weights)) if current is not None else shipped
+    report("sam", f"SAM decoder: {config.sam_steps} steps on {len(data.train_images)} train images"
+                  f"{', warm start from ' + current.version if start is not shipped else ''}", 0.0)
+    tuned, state = tune_sam(start, data.train_images, config.sam_steps, deadline, seed=config.seed)
+    if state is not None:
+        write_decoder(result.weights, state, shipped.checkpoint_id, tuned)
+    return tuned
+
+
 def gate_step(settings: Settings, candidate: Path, current: ModelVersion | None, data: Dataset, annotated: int,
               report: Progress) -> GateDecision:
     """Score candidate and current model on the validation split and decide."""
@@ -255,7 +280,8 @@ def _metrics(evaluation: Evaluation | None) -> dict[str, float] | None:
 
 def store_step(registry: Registry, project: str, job_id: str, result: TrainResult, decision: GateDecision,
                data: Dataset, current: ModelVersion | None, config: TrainConfig, report: Progress,
-               refiner: RefinerResult | None = None) -> tuple[ModelVersion, bool, str]:
+               refiner: RefinerResult | None = None, sam: SamTuneResult | None = None
+               ) -> tuple[ModelVersion, bool, str]:
     """Store the candidate (with its mask refiner, `refiner`: how it was trained) as a version with
     its metadata, then promote or reject it: (version, promoted, why). A promotion loses to a
     rollback or promotion made while it trained."""
@@ -279,6 +305,7 @@ def store_step(registry: Registry, project: str, job_id: str, result: TrainResul
         "steps_run": result.steps_run,
         "stopped_by": result.stopped_by,
         "mask_refiner": refiner.as_dict() if refiner else None,
+        "sam_decoder": sam.as_dict() if sam else None,
         "job_id": job_id,
     }
     version = store_version(registry, project, result.weights, meta, manifest)
@@ -341,16 +368,21 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     scored = len(data.val_images) * 2 if current else len(data.val_images) + len(data.train_images)
     reserve = EVALUATION_RESERVE_S + EVALUATION_S_PER_IMAGE * scored
     refiner_reserve = reserve_seconds(config.refiner_steps, len(data.train_images), config.device)
-    result = train_step(settings, data, work, current, config, deadline and deadline - reserve - refiner_reserve,
-                        report, interrupt)
+    sam_reserve = sam_reserve_seconds(config.sam_steps, len(data.train_images))
+    result = train_step(settings, data, work, current, config,
+                        deadline and deadline - reserve - refiner_reserve - sam_reserve, report, interrupt)
     if result.stopped_by == "interrupted" or stop():
         return _interrupted(work, report, "training")
-    refiner = refiner_step(settings, data, result, current, config, deadline and deadline - reserve, report)
+    refiner = refiner_step(settings, data, result, current, config, deadline and deadline - reserve - sam_reserve,
+                           report)
     if stop():
         return _interrupted(work, report, "the mask refiner's training")
+    sam = sam_step(settings, data, result, current, config, deadline and deadline - reserve, report)
+    if stop():
+        return _interrupted(work, report, "SAM's tuning")
     decision = gate_step(settings, result.weights, current, data, len(exported.annotated), report)
     version, promoted, reason = store_step(registry, project, job_id, result, decision, data, current, config, report,
-                                           refiner)
+                                           refiner, sam)
     shutil.rmtree(work, ignore_errors=True)
     status = "promoted" if promoted else "rejected"
     summary = {"status": status, "version": version.version, "reason": reason, "advice": decision.advice,

@@ -11,20 +11,26 @@ IoU head against the IoU the mask reached (the pipeline's `SAM_MIN_IOU` reads th
 with a one-cycle schedule.
 
 The tuned decoder's state (`decoder_state`) holds the prompt encoder and mask decoder only: the
-encoder, and so the embeddings, stay the shipped checkpoint's.
+encoder, and so the embeddings, stay the shipped checkpoint's. The retrain job (TRAIN_SAM_STEPS > 0)
+writes it into the new detector's checkpoint (`write_decoder`, `backend.detector.SAM_DECODER_KEY`),
+so a version, its rollback and `toothseg models show` carry it; the backend serves it with that
+version (`Runtime.refiner_for`).
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backend.detector import SAM_DECODER_KEY
 from backend.images import pixel_hash
 from backend.instance import mask_box
 from backend.sam import SamRefiner
@@ -116,6 +122,17 @@ def loss_of(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor)
     return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean() + F.mse_loss(iou_pred, iou)
 
 
+SECONDS_PER_STEP_CPU = 8.0
+"""Measured seconds per step (2 images x 16 teeth, forward and backward) of LiteMedSAM's decoder on
+a 2-core CPU: what a retrain's budget reserves, with SECONDS_PER_IMAGE_CPU per image to encode."""
+SECONDS_PER_IMAGE_CPU = 1.2
+
+
+def reserve_seconds(steps: int, train_images: int) -> float:
+    """Seconds of a retrain's budget kept for tuning SAM (CPU figures; a GPU needs less)."""
+    return steps * SECONDS_PER_STEP_CPU + train_images * SECONDS_PER_IMAGE_CPU if steps > 0 else 0.0
+
+
 def tune_sam(refiner: SamRefiner, items: Sequence, steps: int, deadline: float | None = None, lr: float = 1e-4,
              images_per_step: int = 2, boxes_per_image: int = 16, seed: int = 0) -> tuple[SamTuneResult, dict | None]:
     """Tune a copy of `refiner`'s prompt encoder and mask decoder on the annotated `items` for
@@ -162,3 +179,13 @@ def decoder_state(model) -> dict:
     """The tuned part of a SAM: its prompt encoder's and mask decoder's weights."""
     return {name: value.detach().clone() for name, value in model.state_dict().items()
             if name.startswith(("prompt_encoder.", "mask_decoder."))}
+
+
+def write_decoder(weights: Path, state: dict, base: str, result: SamTuneResult) -> None:
+    """Add a tuned decoder (`state`, tuned from the SAM checkpoint `base`) to the detector's
+    checkpoint at `weights` (replaced atomically)."""
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    checkpoint[SAM_DECODER_KEY] = {"base": base, "state": state, "training": result.as_dict()}
+    tmp = Path(f"{weights}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, weights)

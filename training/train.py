@@ -54,7 +54,9 @@ class TrainConfig:
     loss weight (0 = ultralytics' loss); tooth_class: the tooth super-class; cache: ultralytics'
     image cache ("ram", "disk" or ""); refiner_steps: optimizer steps of the learned mask refiner
     after the detector (`training.refiner_training`; 0: none, masks fall back to the guided filter);
-    refiner_warm_steps: its steps when warm-started; best_min_val_images: the fewest validation
+    refiner_warm_steps: its steps when warm-started; sam_steps: optimizer steps tuning SAM's prompt
+    encoder and mask decoder on the train split after the refiner (`training.sam_training`; 0: off,
+    the shipped SAM serves); best_min_val_images: the fewest validation
     images whose score picks the returned epoch (best.pt), fewer return the last epoch's weights;
     the rest are ultralytics' arguments of the same name.
     """
@@ -89,6 +91,7 @@ class TrainConfig:
     tooth_class: bool = True
     refiner_steps: int = 200
     refiner_warm_steps: int = 100
+    sam_steps: int = 0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, defaults: dict | None = None,
