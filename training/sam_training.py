@@ -122,9 +122,10 @@ def loss_of(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor)
     return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean() + F.mse_loss(iou_pred, iou)
 
 
-SECONDS_PER_STEP_CPU = 8.0
+SECONDS_PER_STEP_CPU = 8.5
 """Measured seconds per step (2 images x 16 teeth, forward and backward) of LiteMedSAM's decoder on
-a 2-core CPU: what a retrain's budget reserves, with SECONDS_PER_IMAGE_CPU per image to encode."""
+a 2-core CPU (bench/results/sam-tuning-pool.md: 30 steps and 20 images encoded in 278 s): what a
+retrain's budget reserves, with SECONDS_PER_IMAGE_CPU per image to encode."""
 SECONDS_PER_IMAGE_CPU = 1.2
 
 
