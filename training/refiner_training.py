@@ -126,9 +126,7 @@ def train_refiner(weights: Path, images: Sequence, steps: int, device: str = "cp
         prior_steps = warm.steps
     net = net.to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    # one-cycle, its warm-up at least 2.5 steps long (shorter ones divide by zero in torch); constant under 3 steps
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=max(0.1, 2.5 / steps)
-                                                   ) if steps >= 3 else None
+    schedule = one_cycle(optimizer, lr, steps)
     run, stopped_by = 0, "steps"
     for step in range(steps):
         if deadline is not None and time.monotonic() >= deadline:
@@ -136,10 +134,7 @@ def train_refiner(weights: Path, images: Sequence, steps: int, device: str = "cp
             break
         x, y = _batch(pairs, rng, batch)
         x, y = x.to(device), y.to(device)
-        logits = net(x)
-        p = logits.sigmoid()
-        dice = (2 * (p * y).sum((2, 3)) + 1) / (p.sum((2, 3)) + y.sum((2, 3)) + 1)
-        loss = F.binary_cross_entropy_with_logits(logits, y) + (1 - dice).mean()
+        loss = mask_loss(net(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -150,15 +145,30 @@ def train_refiner(weights: Path, images: Sequence, steps: int, device: str = "cp
             on_step(run, steps)
     seconds = time.monotonic() - start
     if run:
-        _write(weights, MaskRefiner(net.eval(), prior_steps + run))
+        add_to_checkpoint(weights, CHECKPOINT_KEY, MaskRefiner(net.eval(), prior_steps + run).state())
     logger.info("mask refiner: %d steps on %d pairs in %.0f s (%s)", run, len(pairs), seconds, stopped_by)
     return RefinerResult(len(pairs), run, seconds, stopped_by)
 
 
-def _write(weights: Path, refiner: MaskRefiner) -> None:
-    """Add the refiner's state to the checkpoint at `weights` (replaced atomically)."""
+def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int):
+    """A one-cycle schedule of `steps` steps, its warm-up at least 2.5 steps long (shorter ones
+    divide by zero in torch); None (a constant rate) under 3 steps."""
+    if steps < 3:
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=max(0.1, 2.5 / steps))
+
+
+def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice of (n, 1, H, W) mask logits against 0/1 targets."""
+    p = logits.sigmoid()
+    dice = (2 * (p * targets).sum((2, 3)) + 1) / (p.sum((2, 3)) + targets.sum((2, 3)) + 1)
+    return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean()
+
+
+def add_to_checkpoint(weights: Path, key: str, value) -> None:
+    """Set `key` in the detector's checkpoint at `weights` (replaced atomically)."""
     checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
-    checkpoint[CHECKPOINT_KEY] = refiner.state()
+    checkpoint[key] = value
     tmp = Path(f"{weights}.tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, weights)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from backend.detector import SAM_DECODER_KEY
 from backend.images import pixel_hash
 from backend.instance import mask_box
 from backend.sam import SamRefiner
-from training.refiner_training import JITTER
+from training.refiner_training import JITTER, add_to_checkpoint, mask_loss, one_cycle
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +111,13 @@ def decode(model, features: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Te
 
 
 def loss_of(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy + soft Dice of the masks, plus the IoU head's squared error."""
-    p = logits.sigmoid()
-    dice = (2 * (p * targets).sum((2, 3)) + 1) / (p.sum((2, 3)) + targets.sum((2, 3)) + 1)
+    """Binary cross-entropy + soft Dice of the masks (the mask refiner's loss), plus the IoU head's
+    squared error."""
     with torch.no_grad():
         hard = (logits > 0).float()
         inter = (hard * targets).sum((1, 2, 3))
         iou = inter / ((hard + targets).clamp(max=1).sum((1, 2, 3))).clamp(min=1)
-    return F.binary_cross_entropy_with_logits(logits, targets) + (1 - dice).mean() + F.mse_loss(iou_pred, iou)
+    return mask_loss(logits, targets) + F.mse_loss(iou_pred, iou)
 
 
 SECONDS_PER_STEP_CPU = 8.5
@@ -151,8 +149,7 @@ def tune_sam(refiner: SamRefiner, items: Sequence, steps: int, deadline: float |
     model.train()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=max(0.1, 2.5 / steps)
-                                                   ) if steps >= 3 else None
+    schedule = one_cycle(optimizer, lr, steps)
     run, stopped_by = 0, "steps"
     for step in range(steps):
         if deadline is not None and time.monotonic() >= deadline:
@@ -185,8 +182,4 @@ def decoder_state(model) -> dict:
 def write_decoder(weights: Path, state: dict, base: str, result: SamTuneResult) -> None:
     """Add a tuned decoder (`state`, tuned from the SAM checkpoint `base`) to the detector's
     checkpoint at `weights` (replaced atomically)."""
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
-    checkpoint[SAM_DECODER_KEY] = {"base": base, "state": state, "training": result.as_dict()}
-    tmp = Path(f"{weights}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, weights)
+    add_to_checkpoint(weights, SAM_DECODER_KEY, {"base": base, "state": state, "training": result.as_dict()})
