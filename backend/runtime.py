@@ -91,8 +91,9 @@ class Runtime:
 
     def refiner_for(self, detector: Detector | None) -> SamRefiner | None:
         """The SAM serving `detector`'s model: the shipped one, with the prompt encoder and mask
-        decoder tuned with that model when its checkpoint carries them for this SAM (same
-        checkpoint id; the embeddings and their cache are shared)."""
+        decoder tuned with that model, and the acceptance thresholds chosen for them, when its
+        checkpoint carries them for this SAM (same checkpoint id; the embeddings and their cache
+        are shared). SAM_MIN_IOU / SAM_MIN_AGREEMENT apply to the shipped decoder."""
         base = self.refiner()
         tuned = detector.sam_decoder if detector is not None else None
         if base is None or not tuned:
@@ -104,7 +105,7 @@ class Runtime:
         with self._lock:
             refiner = self._tuned.get(detector)
             if refiner is None:
-                refiner = self._tuned[detector] = base.with_decoder(tuned["state"])
+                refiner = self._tuned[detector] = base.with_decoder(tuned["state"], **tuned.get("thresholds", {}))
             return refiner
 
     def _load_detector(self, weights: Path) -> Detector:

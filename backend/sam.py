@@ -266,9 +266,11 @@ class SamRefiner:
         return cls(build_sam(model_type, checkpoint, device), f"{model_type}-{file_identity(checkpoint)}", cache,
                    **options)
 
-    def with_decoder(self, state: dict) -> "SamRefiner":
+    def with_decoder(self, state: dict, min_iou: float | None = None,
+                     min_agreement: float | None = None) -> "SamRefiner":
         """This refiner with a tuned prompt encoder and mask decoder (`state`, as
-        training.sam_training writes it): the same image encoder, so the same embeddings and cache."""
+        training.sam_training writes it): the same image encoder, so the same embeddings and cache;
+        `min_iou`, `min_agreement`: its acceptance thresholds (None: this refiner's)."""
         sam = self.predictor.model
         tuned = type(sam)(image_encoder=sam.image_encoder, prompt_encoder=copy.deepcopy(sam.prompt_encoder),
                           mask_decoder=copy.deepcopy(sam.mask_decoder), pixel_mean=sam.pixel_mean.flatten().tolist(),
@@ -279,8 +281,9 @@ class SamRefiner:
             raise ValueError(f"not a SAM decoder state for this model: {len(missing)} weights missing "
                              f"({missing[0]}, ...)")
         tuned.load_state_dict(state, strict=False)
-        return SamRefiner(tuned.to(sam.device).eval(), self.checkpoint_id, self.cache, self.batch_size, self.min_iou,
-                          self.min_agreement, self.tile)
+        return SamRefiner(tuned.to(sam.device).eval(), self.checkpoint_id, self.cache, self.batch_size,
+                          self.min_iou if min_iou is None else min_iou,
+                          self.min_agreement if min_agreement is None else min_agreement, self.tile)
 
     @property
     def boxes_only(self) -> bool:

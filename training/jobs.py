@@ -3,8 +3,10 @@
     export (label-studio-sdk) -> images and masks -> YOLO-seg dataset (split by task id)
     -> train (warm start from the current model, within the time budget) -> train the learned
     mask refiner on the new detector's candidates (`training.refiner_training`, stored in its
-    weights) -> score candidate and current on the same validation split -> gate -> store the
-    version -> promote, or keep the current model and record why
+    weights) -> with TRAIN_SAM_STEPS, tune SAM's decoder and gate it against the current SAM
+    (`training.sam_training`, stored in its weights when better) -> score candidate and current on
+    the same validation split -> gate -> store the version -> promote, or keep the current model and
+    record why
 
 `run_retrain` runs these steps in order, each a function of its own. The job has a time budget
 (TRAIN_TIME_BUDGET minutes, from the job's start to its decision): the detector's training gets
@@ -40,7 +42,7 @@ from training.export import AnnotatedTask, ExportError, annotated_tasks, export_
 from training.ops.ls_status import LabelStudioStatus
 from backend.registry import promote, reject, store_version, utc_now
 from training.refiner_training import RefinerResult, reserve_seconds, train_refiner
-from training.sam_training import SamTuneResult, tune_sam, write_decoder
+from training.sam_training import gate_sam, tune_sam, write_decoder
 from training.sam_training import reserve_seconds as sam_reserve_seconds
 from training.train import TrainConfig, TrainResult, train_model
 
@@ -237,10 +239,12 @@ def refiner_step(settings: Settings, data: Dataset, result: TrainResult, current
 
 
 def sam_step(settings: Settings, data: Dataset, result: TrainResult, current: ModelVersion | None,
-             config: TrainConfig, deadline: float | None, report: Progress) -> SamTuneResult | None:
+             config: TrainConfig, deadline: float | None, report: Progress) -> dict | None:
     """Tune SAM's prompt encoder and mask decoder on the train split (TRAIN_SAM_STEPS > 0; from the
-    current model's tuned decoder when it has one for this SAM) and store them in the candidate's
-    weights. None when off or without SAM weights."""
+    current model's tuned decoder when it has one for this SAM), gate it against the current SAM on
+    the validation split (`gate_sam`) and store the SAM that wins, with the acceptance thresholds
+    chosen for it, in the candidate's weights (nothing when the shipped SAM stays). Returns what the
+    version's meta says of it; None when off or without SAM weights."""
     from backend.detector import Detector
     from backend.runtime import Runtime
 
@@ -250,13 +254,23 @@ def sam_step(settings: Settings, data: Dataset, result: TrainResult, current: Mo
     shipped = runtime.refiner()
     if shipped is None:
         return None
-    start = runtime.refiner_for(Detector.load(current.weights)) if current is not None else shipped
+    current_detector = Detector.load(current.weights) if current is not None else None
+    start = runtime.refiner_for(current_detector)
     report("sam", f"SAM decoder: {config.sam_steps} steps on {len(data.train_images)} train images"
                   f"{', warm start from ' + current.version if start is not shipped else ''}", 0.0)
     tuned, state = tune_sam(start, data.train_images, config.sam_steps, deadline, seed=config.seed)
-    if state is not None:
-        write_decoder(result.weights, state, shipped.checkpoint_id, tuned)
-    return tuned
+    if state is None:
+        return tuned.as_dict()
+    report("sam", f"SAM gate: tuned against current SAM on {len(data.val_images)} validation images", 1.0)
+    decision = gate_sam(Detector.load(result.weights), start, start.with_decoder(state), data.val_images,
+                        PipelineOptions.from_settings(settings, use_sam=False))
+    logger.info("SAM gate: %s", decision.reason)
+    if decision.promote:
+        write_decoder(result.weights, state, shipped.checkpoint_id, tuned.as_dict(), decision.thresholds)
+    elif start is not shipped:  # the current version's tuned SAM stays, with thresholds for this split
+        carried = current_detector.sam_decoder
+        write_decoder(result.weights, carried["state"], carried["base"], carried["training"], decision.thresholds)
+    return tuned.as_dict() | decision.as_dict()
 
 
 def gate_step(settings: Settings, candidate: Path, current: ModelVersion | None, data: Dataset, annotated: int,
@@ -280,8 +294,7 @@ def _metrics(evaluation: Evaluation | None) -> dict[str, float] | None:
 
 def store_step(registry: Registry, project: str, job_id: str, result: TrainResult, decision: GateDecision,
                data: Dataset, current: ModelVersion | None, config: TrainConfig, report: Progress,
-               refiner: RefinerResult | None = None, sam: SamTuneResult | None = None
-               ) -> tuple[ModelVersion, bool, str]:
+               refiner: RefinerResult | None = None, sam: dict | None = None) -> tuple[ModelVersion, bool, str]:
     """Store the candidate (with its mask refiner, `refiner`: how it was trained) as a version with
     its metadata, then promote or reject it: (version, promoted, why). A promotion loses to a
     rollback or promotion made while it trained."""
@@ -305,7 +318,7 @@ def store_step(registry: Registry, project: str, job_id: str, result: TrainResul
         "steps_run": result.steps_run,
         "stopped_by": result.stopped_by,
         "mask_refiner": refiner.as_dict() if refiner else None,
-        "sam_decoder": sam.as_dict() if sam else None,
+        "sam_decoder": sam,
         "job_id": job_id,
     }
     version = store_version(registry, project, result.weights, meta, manifest)
@@ -368,7 +381,7 @@ def run_round(project: str, settings: Settings, exported: Exported, job_id: str,
     scored = len(data.val_images) * 2 if current else len(data.val_images) + len(data.train_images)
     reserve = EVALUATION_RESERVE_S + EVALUATION_S_PER_IMAGE * scored
     refiner_reserve = reserve_seconds(config.refiner_steps, len(data.train_images), config.device)
-    sam_reserve = sam_reserve_seconds(config.sam_steps, len(data.train_images))
+    sam_reserve = sam_reserve_seconds(config.sam_steps, len(data.train_images), len(data.val_images))
     result = train_step(settings, data, work, current, config,
                         deadline and deadline - reserve - refiner_reserve - sam_reserve, report, interrupt)
     if result.stopped_by == "interrupted" or stop():

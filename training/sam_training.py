@@ -12,9 +12,15 @@ with a one-cycle schedule.
 
 The tuned decoder's state (`decoder_state`) holds the prompt encoder and mask decoder only: the
 encoder, and so the embeddings, stay the shipped checkpoint's. The retrain job (TRAIN_SAM_STEPS > 0)
-writes it into the new detector's checkpoint (`write_decoder`, `backend.detector.SAM_DECODER_KEY`),
-so a version, its rollback and `toothseg models show` carry it; the backend serves it with that
-version (`Runtime.refiner_for`).
+gates it (`gate_sam`): on the validation split, from the new detector's boxes, the tuned SAM's masks
+against the current one's (the current version's tuned SAM, else the shipped one), by the STS
+instance Dice and instance NSD. A tuned SAM that scores lower is not promoted: the new version
+carries the current version's tuned SAM instead (or none: the shipped one serves). The same
+validation images choose the acceptance thresholds between SAM's masks and the learned refiner's
+(`backend.sam.choose`: SAM_MIN_IOU, SAM_MIN_AGREEMENT) for the SAM the version carries. The
+decoder and its thresholds go into the new detector's checkpoint (`write_decoder`,
+`backend.detector.SAM_DECODER_KEY`), so a version, its rollback and `toothseg models show` carry
+them; the backend serves them with that version (`Runtime.refiner_for`).
 """
 from __future__ import annotations
 
@@ -29,10 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.detector import SAM_DECODER_KEY
-from backend.images import pixel_hash
+from backend.detector import SAM_DECODER_KEY, Detector
+from backend.images import XrayImage, pixel_hash
 from backend.instance import mask_box
-from backend.sam import SamRefiner
+from backend.pipeline import Pipeline, PipelineOptions
+from backend.sam import SamRefiner, choose
 from training.refiner_training import JITTER, add_to_checkpoint, mask_loss, one_cycle
 
 logger = logging.getLogger(__name__)
@@ -125,11 +132,16 @@ SECONDS_PER_STEP_CPU = 8.5
 a 2-core CPU (bench/results/sam-tuning-pool.md: 30 steps and 20 images encoded in 278 s): what a
 retrain's budget reserves, with SECONDS_PER_IMAGE_CPU per image to encode."""
 SECONDS_PER_IMAGE_CPU = 1.2
+GATE_SECONDS_PER_IMAGE_CPU = 6.0
+"""Seconds per validation image of `gate_sam` on a 2-core CPU: the detector, the encoder once, the
+decoder for the current and the tuned SAM, the scores of both and of the threshold pairs."""
 
 
-def reserve_seconds(steps: int, train_images: int) -> float:
-    """Seconds of a retrain's budget kept for tuning SAM (CPU figures; a GPU needs less)."""
-    return steps * SECONDS_PER_STEP_CPU + train_images * SECONDS_PER_IMAGE_CPU if steps > 0 else 0.0
+def reserve_seconds(steps: int, train_images: int, val_images: int = 0) -> float:
+    """Seconds of a retrain's budget kept for tuning and gating SAM (CPU figures; a GPU needs less)."""
+    if steps <= 0:
+        return 0.0
+    return steps * SECONDS_PER_STEP_CPU + train_images * SECONDS_PER_IMAGE_CPU + val_images * GATE_SECONDS_PER_IMAGE_CPU
 
 
 def tune_sam(refiner: SamRefiner, items: Sequence, steps: int, deadline: float | None = None, lr: float = 1e-4,
@@ -179,7 +191,104 @@ def decoder_state(model) -> dict:
             if name.startswith(("prompt_encoder.", "mask_decoder."))}
 
 
-def write_decoder(weights: Path, state: dict, base: str, result: SamTuneResult) -> None:
-    """Add a tuned decoder (`state`, tuned from the SAM checkpoint `base`) to the detector's
-    checkpoint at `weights` (replaced atomically)."""
-    add_to_checkpoint(weights, SAM_DECODER_KEY, {"base": base, "state": state, "training": result.as_dict()})
+def write_decoder(weights: Path, state: dict, base: str, training: dict,
+                  thresholds: tuple[float, float] | None = None) -> None:
+    """Add a tuned decoder (`state`, tuned from the SAM checkpoint `base`; `training`: how,
+    `SamTuneResult.as_dict`) and its acceptance thresholds (min_iou, min_agreement; None: the
+    settings') to the detector's checkpoint at `weights` (replaced atomically)."""
+    entry = {"base": base, "state": state, "training": training}
+    if thresholds is not None:
+        entry["thresholds"] = {"min_iou": thresholds[0], "min_agreement": thresholds[1]}
+    add_to_checkpoint(weights, SAM_DECODER_KEY, entry)
+
+
+THRESHOLD_PAIRS = ((0.75, 0.5), (0.0, 0.5), (0.0, 0.8), (0.75, 0.0), (0.75, 0.8), (0.85, 0.0), (0.85, 0.8),
+                   (0.9, 0.0), (0.9, 0.8))
+"""(SAM_MIN_IOU, SAM_MIN_AGREEMENT) pairs a version's thresholds are chosen from (bench_sam's grid);
+the shipped pair first, so it is kept on a tie."""
+
+
+@dataclass(frozen=True)
+class SamGate:
+    """`gate_sam`'s decision. promote: the tuned SAM serves the new version; current, tuned: their
+    mean instance Dice and instance NSD on the validation images; thresholds: (min_iou,
+    min_agreement) chosen for the SAM that serves; teeth: the detector's numbered teeth scored."""
+
+    promote: bool
+    reason: str
+    current: dict
+    tuned: dict
+    thresholds: tuple[float, float]
+    teeth: int
+
+    def as_dict(self) -> dict:
+        return {"promoted": self.promote, "gate": self.reason, "current": self.current, "tuned": self.tuned,
+                "thresholds": {"min_iou": self.thresholds[0], "min_agreement": self.thresholds[1]},
+                "val_teeth": self.teeth}
+
+
+def _sam_scores(scores: list) -> dict:
+    return {"instance_dice": round(float(np.mean([s.instance_dice for s in scores])), 4),
+            "instance_nsd": round(float(np.mean([s.instance_nsd for s in scores])), 4)}
+
+
+def _score(means: dict) -> float:
+    return (means["instance_dice"] + means["instance_nsd"]) / 2
+
+
+def _val_teeth(pipeline: Pipeline, item, from_truth: bool) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """One validation image's teeth to prompt SAM with: (labels, boxes (k, 4), the served masks
+    without SAM or None): the detector's numbered teeth, or (`from_truth`) the annotated teeth's
+    boxes, as an annotator's boxes are."""
+    if from_truth:
+        labels = [label for label, mask in sorted(item.masks.items()) if mask.any()]
+        return labels, np.array([mask_box(item.masks[label]) for label in labels], float).reshape(-1, 4), None
+    proposal = pipeline.propose(XrayImage.of(item.pixels(), item.name))
+    return [a.label for a in proposal.numbered], proposal.boxes, proposal.masks
+
+
+def gate_sam(detector: Detector, current: SamRefiner, tuned: SamRefiner, val_items: Sequence,
+             options: PipelineOptions) -> SamGate:
+    """Tuned SAM against current SAM on the validation `val_items` (`DatasetItem`s), from the boxes of
+    `detector` (numbered by the pipeline with `options`, as served; from the annotated teeth's boxes
+    when it numbers none there): the STS instance Dice and instance NSD of each SAM's masks. The mean
+    of both decides; a tie keeps the tuned SAM, a lower score or no validation tooth the current.
+    Then, from the detector's boxes, the acceptance thresholds (`THRESHOLD_PAIRS`) that score best
+    for the SAM that serves, its masks chosen against the learned refiner's (`backend.sam.choose`);
+    from the annotated boxes that SAM's own thresholds stay."""
+    from training.metrics import score_image
+
+    pipeline = Pipeline(detector, None, options)
+    teeth = [_val_teeth(pipeline, item, False) for item in val_items]
+    source = "the detector's boxes"
+    if not any(len(labels) for labels, _, _ in teeth):
+        teeth = [_val_teeth(pipeline, item, True) for item in val_items]
+        source = "the annotated teeth's boxes (the detector numbers none there)"
+    count = sum(len(labels) for labels, _, _ in teeth)
+    if not count:
+        empty = {"instance_dice": 0.0, "instance_nsd": 0.0}
+        return SamGate(False, f"no tooth on {len(val_items)} validation image(s): the current SAM stays",
+                       empty, empty, (current.min_iou, current.min_agreement), 0)
+    sam = []  # per image: {name: (masks, ious)}
+    for item, (_, boxes, _) in zip(val_items, teeth):
+        pixels = item.pixels()
+        sam.append({name: refiner.sam_masks(pixels, pixel_hash(pixels), boxes)
+                    for name, refiner in (("current", current), ("tuned", tuned))})
+
+    def scores(masks_of) -> dict:
+        return _sam_scores([score_image({label: m for label, m in zip(labels, masks_of(i)) if m.any()}, item.masks)
+                            for i, (item, (labels, _, _)) in enumerate(zip(val_items, teeth))])
+
+    means = {name: scores(lambda i, name=name: sam[i][name][0]) for name in ("current", "tuned")}
+    c, t = _score(means["current"]), _score(means["tuned"])
+    promote = t >= c
+    versus = (f"tuned SAM (instance Dice + NSD) / 2 {t:.4f} vs current {c:.4f} from {source}, {count} teeth on "
+              f"{len(val_items)} validation image(s)")
+    reason = versus if promote else f"{versus}: lower, not promoted; the current SAM stays"
+    serving = tuned if promote else current
+    thresholds = (serving.min_iou, serving.min_agreement)
+    if teeth[0][2] is not None:  # the detector's boxes: the served masks without SAM to choose against
+        name = "tuned" if promote else "current"
+        thresholds = max(THRESHOLD_PAIRS, key=lambda pair: _score(scores(
+            lambda i: choose(*sam[i][name], teeth[i][2], *pair).masks)))
+    return SamGate(promote, reason, means["current"], means["tuned"], thresholds, count)

@@ -55,9 +55,10 @@ class TrainConfig:
     image cache ("ram", "disk" or ""); refiner_steps: optimizer steps of the learned mask refiner
     after the detector (`training.refiner_training`; 0: none, masks fall back to the guided filter);
     refiner_warm_steps: its steps when warm-started; sam_steps: optimizer steps tuning SAM's prompt
-    encoder and mask decoder on the train split after the refiner (`training.sam_training`; 0: off,
-    the shipped SAM serves); best_min_val_images: the fewest validation
-    images whose score picks the returned epoch (best.pt), fewer return the last epoch's weights;
+    encoder and mask decoder on the train split after the refiner, gated against the current SAM on
+    the validation split (`training.sam_training`; 0: off, the shipped SAM serves);
+    best_min_val_images: the fewest validation images whose score picks the returned epoch
+    (best.pt), fewer return the last epoch's weights;
     the rest are ultralytics' arguments of the same name.
     """
 
