@@ -167,14 +167,12 @@ def tune_sam(refiner: SamRefiner, items: Sequence, steps: int, deadline: float |
         if deadline is not None and time.monotonic() >= deadline:
             stopped_by = "budget"
             break
-        loss = torch.zeros(())
+        optimizer.zero_grad()
         for k in torch.randint(len(images), (images_per_step,), generator=generator).tolist():
-            image = images[k]
+            image = images[k]  # one image's graph at a time: its gradients add up, its activations go
             pick = torch.randperm(len(image.boxes), generator=generator)[:boxes_per_image]
             logits, iou_pred = decode(model, image.features, _jitter(image.boxes[pick], generator))
-            loss = loss + loss_of(logits, iou_pred, image.targets[pick]) / images_per_step
-        optimizer.zero_grad()
-        loss.backward()
+            (loss_of(logits, iou_pred, image.targets[pick]) / images_per_step).backward()
         optimizer.step()
         if schedule is not None:
             schedule.step()
