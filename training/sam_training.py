@@ -127,10 +127,10 @@ def loss_of(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor)
     return mask_loss(logits, targets) + F.mse_loss(iou_pred, iou)
 
 
-SECONDS_PER_STEP_CPU = 8.5
-"""Measured seconds per step (2 images x 16 teeth, forward and backward) of LiteMedSAM's decoder on
-a 2-core CPU (bench/results/sam-tuning-pool.md: 30 steps and 20 images encoded in 278 s): what a
-retrain's budget reserves, with SECONDS_PER_IMAGE_CPU per image to encode."""
+SECONDS_PER_STEP_CPU = 4.3
+"""Measured seconds per step (1 image x 16 teeth, forward and backward) of LiteMedSAM's decoder on
+a 2-core CPU (12 steps in 51 s on 20 encoded pool images): what a retrain's budget reserves, with
+SECONDS_PER_IMAGE_CPU per image to encode and GATE_SECONDS_PER_IMAGE_CPU per validation image."""
 SECONDS_PER_IMAGE_CPU = 1.2
 GATE_SECONDS_PER_IMAGE_CPU = 6.0
 """Seconds per validation image of `gate_sam` on a 2-core CPU: the detector, the encoder once, the
@@ -144,11 +144,15 @@ def reserve_seconds(steps: int, train_images: int, val_images: int = 0) -> float
     return steps * SECONDS_PER_STEP_CPU + train_images * SECONDS_PER_IMAGE_CPU + val_images * GATE_SECONDS_PER_IMAGE_CPU
 
 
-def tune_sam(refiner: SamRefiner, items: Sequence, steps: int, deadline: float | None = None, lr: float = 1e-4,
-             images_per_step: int = 2, boxes_per_image: int = 16, seed: int = 0) -> tuple[SamTuneResult, dict | None]:
+def tune_sam(refiner: SamRefiner, items: Sequence, steps: int, deadline: float | None = None, lr: float = 3e-4,
+             images_per_step: int = 1, boxes_per_image: int = 16, seed: int = 0) -> tuple[SamTuneResult, dict | None]:
     """Tune a copy of `refiner`'s prompt encoder and mask decoder on the annotated `items` for
     `steps` optimizer steps or until `deadline` (time.monotonic seconds). Returns the result and the
-    tuned `decoder_state` (None when no step ran); `refiner` itself is left as it was."""
+    tuned `decoder_state` (None when no step ran); `refiner` itself is left as it was. The defaults
+    were chosen on the pool (a one-off comparison, tuned on 20 UFBA-425 pool images, 30 pool
+    validation images): 12 steps of 1 image x 16 teeth at lr 3e-4 (51 s) drew the teeth as well as
+    30 steps of 2 x 16 at 1e-4 (301 s), tooth Dice 0.878 both; bench/bench_sam_tuning.py measures
+    them on held-out images."""
     start = time.monotonic()
     images = tuning_images(refiner, items)
     teeth = sum(len(im.boxes) for im in images)
