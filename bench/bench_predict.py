@@ -185,8 +185,8 @@ def main() -> None:
     print("ultralytics: done", flush=True)
 
     # ---- SAM decoder batch size, on one cached embedding (the first SAM) ----
-    name = args.sams[0]
-    refiner = SamRefiner(sams[name], "bench", EmbeddingCache(4))
+    batch_sam = args.sams[0]
+    refiner = SamRefiner(sams[batch_sam], "bench", EmbeddingCache(4))
     pixels = decode_image(files[0].read_bytes(), 10**9)
     first_boxes = boxes[0][:28]
     batch_rows = []
@@ -237,7 +237,8 @@ def main() -> None:
         lines.append(f"| {name} | {cold / ul_total:.2f}x | {warm / cold:.2f}x | {outside / cold * 100:.1f}% |")
     lines += [
         "",
-        f"SAM decoder ({name}), {len(first_boxes)} box prompts on one embedding, by prompts per call (median of 2):",
+        f"SAM decoder ({batch_sam}), {len(first_boxes)} box prompts on one embedding, by prompts per call "
+        "(median of 2):",
         "",
         "| prompts per call | decoder (ms) |",
         "|---|---|",
