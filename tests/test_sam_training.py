@@ -195,3 +195,41 @@ def test_the_gate_scores_from_the_detectors_boxes_and_chooses_thresholds(trained
     decision = gate_sam(Detector.load(trained_weights), lite_medsam, same, val, PipelineOptions(use_sam=False))
     assert decision.promote and "from the detector's boxes" in decision.reason and decision.teeth >= 20, decision
     assert decision.tuned == decision.current and decision.thresholds in THRESHOLD_PAIRS
+
+
+def test_predict_answers_a_box_with_the_versions_tuned_sam(tmp_path, tuned_round, monkeypatch):
+    """The backend's `/predict` (Label Studio's interactive rectangle) draws the tooth with the
+    serving version's tuned SAM, not the shipped one."""
+    import cv2
+
+    from backend import app as app_module
+    from backend import runtime as runtime_module
+    from backend.formats import result_to_masks
+    from backend.label_config import render_label_config
+    from conftest import box_prompt, register_model
+    from training.metrics import dice
+
+    sim, version = tuned_round
+    model_dir, files = tmp_path / "models", tmp_path / "files"
+    register_model(model_dir, "3", version.weights)
+    (files / "images").mkdir(parents=True)
+    sample = generate(48, sim.config.size)
+    cv2.imwrite(str(files / "images" / "48.png"), sample.image)
+    for name, value in {"MODEL_DIR": str(model_dir), "LOCAL_FILES_DOCUMENT_ROOT": str(files),
+                        "LABEL_STUDIO_URL": "", "EMBEDDING_CACHE_DIR": ""}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(runtime_module, "_runtime", None)  # this process's Runtime, from the environment above
+    client = app_module.create_app().test_client()
+    label, mask = max(sample.masks().items(), key=lambda item: item[1].sum())
+    answer = client.post("/predict", json={
+        "tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=images/48.png"}}], "project": "3.0",
+        "label_config": render_label_config(), "params": {"context": {"result": [box_prompt(mask, label)]}}})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    drawn = result_to_masks(answer.get_json()["results"][0]["result"])[label]
+    runtime = runtime_module.get_runtime()
+    ys, xs = np.nonzero(mask)
+    box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], float)
+    tuned, _ = runtime.refiner_for(runtime.detector("3")[1]).prompt(sample.image, pixel_hash(sample.image), box)
+    shipped, _ = runtime.refiner().prompt(sample.image, pixel_hash(sample.image), box)
+    assert dice(drawn, tuned) > 0.98 and dice(drawn, shipped) < dice(drawn, tuned) - 0.01, (
+        dice(drawn, tuned), dice(drawn, shipped))
