@@ -86,8 +86,8 @@ class Settings:
         "0.915 against 0.858 for the whole image, on 512x512 real radiographs the whole image was best: "
         "bench/results/sam.md).")
     sam_batch_size: int = _setting("SAM_BATCH_SIZE", "4", int,
-        "Box prompts decoded per SAM call (bench/bench_predict.py measures 1 to 28; on 2 CPU cores 1-4 are "
-        "within 6% of each other).")
+        "Box prompts decoded per SAM call (bench/bench_predict.py measures 1 to 28; on 2 CPU cores LiteMedSAM "
+        "decodes fastest at 2-4 per call).")
     local_files_document_root: Path | None = _setting("LOCAL_FILES_DOCUMENT_ROOT", "", _path,
         "Label Studio's local-files root, if this process can read it: /data/local-files/?d=... is read "
         "from disk (only below this root) instead of over HTTP.")
