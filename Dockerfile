@@ -69,6 +69,8 @@ ENV SAM_CHECKPOINT=${SAM_CHECKPOINT_URL:+/weights/sam.pth} \
 
 RUN useradd --create-home --uid 1000 toothseg && mkdir -p /models && chown toothseg /models
 USER toothseg
+# OpenVINO's converter (SAM_RUNTIME=openvino, the first start) sends usage statistics unless opted out.
+RUN opt_in_out --opt_out
 
 EXPOSE 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=5 \

@@ -10,7 +10,8 @@ label-studio-ml 1.0.9 is used as it ships, with these fixes made here rather tha
   message, never a 500 with a traceback.
 - `/webhook` enqueues coalesced retrain jobs (`backend.webhooks`), START_TRAINING included;
   the package ignores START_TRAINING and names jobs by the second.
-- `/health` says UP without the model directory.
+- `/health` says UP without the model directory, and where SAM's image encoder runs once SAM is
+  loaded (`sam_encoder_runtime`: torch or openvino; null before).
 - In front of it all, `backend.front_door.FrontDoor`: only toothseg's four routes exist,
   basic auth and the webhook secret are checked, and bodies are capped before anything reads
   them. Credentials are redacted from every log line and traceback (`backend.security`).
@@ -146,7 +147,8 @@ def _server_error(exc: Exception):
 
 
 def health_view():
-    return jsonify({"status": "UP", "model_class": ToothSegBackend.__name__})
+    return jsonify({"status": "UP", "model_class": ToothSegBackend.__name__,
+                    "sam_encoder_runtime": get_runtime().sam_encoder_runtime()})
 
 
 def create_app() -> Flask:

@@ -84,10 +84,16 @@ class Runtime:
                 s = self.settings
                 self._refiner = SamRefiner.load(
                     s.sam_model_type, s.sam_checkpoint, s.device,
-                    EmbeddingCache(s.embedding_cache_size, s.embedding_cache_dir),
+                    EmbeddingCache(s.embedding_cache_size, s.embedding_cache_dir), runtime=s.sam_runtime,
                     batch_size=s.sam_batch_size, min_iou=s.sam_min_iou, min_agreement=s.sam_min_agreement,
                     tile=s.sam_tile)
             return self._refiner
+
+    def sam_encoder_runtime(self) -> str | None:
+        """Where the loaded SAM's image encoder runs (torch, openvino); None before SAM is loaded
+        (on the first request that needs it) or without SAM weights."""
+        with self._lock:
+            return self._refiner.encoder_runtime if self._refiner is not None else None
 
     def refiner_for(self, detector: Detector | None) -> SamRefiner | None:
         """The SAM serving `detector`'s model: the shipped one, with the prompt encoder and mask

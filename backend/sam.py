@@ -36,6 +36,7 @@ from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from backend.sam_runtime import default_cache_dir, use_runtime
 from backend.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -253,18 +254,22 @@ class SamRefiner:
         self.min_agreement = min_agreement
         self.tile = max(0, int(tile))
         self.lock = threading.RLock()
+        self.encoder_runtime = getattr(sam.image_encoder, "runtime", "torch")
 
     @classmethod
     def load(cls, model_type: str, checkpoint: Path | None, device: str = "cpu", cache: EmbeddingCache | None = None,
-             **options) -> "SamRefiner | None":
+             runtime: str = "torch", runtime_cache: Path | None = None, **options) -> "SamRefiner | None":
         """The refiner of `model_type` with `checkpoint`, or with the weights its package installs
-        (`packaged_checkpoint`) when None; None when there are no weights for it."""
+        (`packaged_checkpoint`) when None; None when there are no weights for it. Its image encoder
+        runs on `runtime` (`backend.sam_runtime`; OpenVINO's converted models in `runtime_cache`)."""
         checkpoint = checkpoint or packaged_checkpoint(model_type)
         if checkpoint is None:
             return None
-        logger.info("loading SAM %s from %s", model_type, checkpoint)
-        return cls(build_sam(model_type, checkpoint, device), f"{model_type}-{file_identity(checkpoint)}", cache,
-                   **options)
+        sam, checkpoint_id = build_sam(model_type, checkpoint, device), f"{model_type}-{file_identity(checkpoint)}"
+        served = use_runtime(sam, runtime, checkpoint_id, runtime_cache or default_cache_dir(cache and cache.directory),
+                             device)
+        logger.info("loaded SAM %s from %s; image encoder runtime: %s", model_type, checkpoint, served)
+        return cls(sam, checkpoint_id, cache, **options)
 
     def with_decoder(self, state: dict, min_iou: float | None = None,
                      min_agreement: float | None = None) -> "SamRefiner":

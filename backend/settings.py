@@ -25,6 +25,15 @@ def _path(text: str) -> Path | None:
     return Path(text).expanduser() if text.strip() else None
 
 
+def _one_of(*choices: str):
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return value
+    return parse
+
+
 def _setting(env: str, default: str, parse=str, doc: str = ""):
     return field(default=None, metadata={"env": env, "default": default, "parse": parse, "doc": doc})
 
@@ -85,6 +94,11 @@ class Settings:
         "one encoder pass per tile; on 2000x1000 synthetic panoramics 768 px tiles gave LiteMedSAM tooth Dice "
         "0.915 against 0.858 for the whole image, on 512x512 real radiographs the whole image was best: "
         "bench/results/sam.md).")
+    sam_runtime: str = _setting("SAM_RUNTIME", "openvino", _one_of("openvino", "torch"),
+        "Where SAM's image encoder runs on the CPU: openvino (converted once per machine, cached in "
+        "EMBEDDING_CACHE_DIR/openvino or ~/.cache/toothseg/openvino; falls back to torch with a warning when it "
+        "cannot serve) or torch. Same embeddings, LiteMedSAM's encoder 2.6x faster on 2 cores: "
+        "bench/results/sam_encoder.md.")
     sam_batch_size: int = _setting("SAM_BATCH_SIZE", "4", int,
         "Box prompts decoded per SAM call (bench/bench_predict.py measures 1 to 28; on 2 CPU cores LiteMedSAM "
         "decodes fastest at 2-4 per call).")

@@ -1,7 +1,8 @@
 """Background pre-annotation throughput, cold and warm, and the delay it adds to interactive /predict.
 
     .venv/bin/python bench/bench_preannotate.py [--tasks 12] [--size 2000x1000] [--weights best.pt]
-                                                [--sam vit_b] [--out bench/results/preannotate.md]
+                                                [--sam lite_medsam] [--sam-runtime openvino]
+                                                [--sam-preannotate false] [--out bench/results/preannotate.md]
 
 Runs the native stack (redis, Label Studio 1.23.2, backend, worker), imports `--tasks` synthetic
 panoramics, stores the detector as the project's current version and times the worker's pass
@@ -9,11 +10,14 @@ panoramics, stores the detector as the project's current version and times the w
 version, as after a retrain: embeddings come from the shared disk cache). Meanwhile and afterwards
 it sends interactive one-task /predict requests for other images (after one warm-up request, so
 model loading is not timed) and reports their latency with the pass running and with the worker
-idle. SAM is the real architecture with random weights.
+idle. The SAM settings are the product's defaults unless given: LiteMedSAM with its packaged
+weights (another SAM type: its architecture with random weights, the same cost), SAM_RUNTIME, and
+SAM_PREANNOTATE (false: the pass does not run SAM; true: SAM redraws every tooth's mask).
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import socket
 import statistics
@@ -35,6 +39,8 @@ import torch  # noqa: E402
 from backend.label_config import render_label_config  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.sam import SAM_BUILDERS  # noqa: E402
+from backend.sam_runtime import RUNTIMES  # noqa: E402
+from backend.settings import Settings  # noqa: E402
 from bench.bench_predict import detector_weights, machine, write_report  # noqa: E402
 from backend.registry import promote, store_version  # noqa: E402
 from training.ops.stack import Stack  # noqa: E402
@@ -84,7 +90,10 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=3)
     parser.add_argument("--size", default="2000x1000")
     parser.add_argument("--weights")
-    parser.add_argument("--sam", default="vit_b", choices=sorted(SAM_BUILDERS))
+    defaults = Settings.from_env({})
+    parser.add_argument("--sam", default=defaults.sam_model_type, choices=sorted(SAM_BUILDERS))
+    parser.add_argument("--sam-runtime", default=defaults.sam_runtime, choices=RUNTIMES)
+    parser.add_argument("--sam-preannotate", default=str(defaults.sam_preannotate).lower(), choices=("false", "true"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "preannotate.md"))
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -100,11 +109,14 @@ def main() -> None:
         name = f"probe_{i}.png"
         cv2.imwrite(str(probe_dir / name), generate(800 + i, (width, height)).image)
         probe_names.append(name)
-    torch.manual_seed(0)
-    sam_path = root / "sam.pth"
-    torch.save(SAM_BUILDERS[args.sam](checkpoint=None).state_dict(), sam_path)
+    sam_path = ""
+    if args.sam != "lite_medsam":  # LiteMedSAM: its packaged weights; the others: random weights, the same cost
+        torch.manual_seed(0)
+        sam_path = root / "sam.pth"
+        torch.save(SAM_BUILDERS[args.sam](checkpoint=None).state_dict(), sam_path)
     env = {"LABEL_STUDIO_PORT": str(free_port()), "BACKEND_PORT": str(free_port()), "REDIS_PORT": str(free_port()),
            "LABEL_STUDIO_USER_TOKEN": TOKEN, "SAM_CHECKPOINT": str(sam_path), "SAM_MODEL_TYPE": args.sam,
+           "SAM_RUNTIME": args.sam_runtime, "SAM_PREANNOTATE": args.sam_preannotate,
            "PREDICT_BATCH_LIMIT": "0", "YOLO_VERBOSE": "False", "PREANNOTATE_CHUNK": "1000"}
     stack = Stack(data=root / "stack", images=images, env=env)
     try:
@@ -133,10 +145,11 @@ def main() -> None:
     lines = [
         "# Background pre-annotation",
         "",
-        f"Command: `.venv/bin/python bench/bench_preannotate.py --tasks {args.tasks} --size {args.size} "
-        f"--sam {args.sam}`",
+        f"Command: `{shlex.join(['.venv/bin/python', 'bench/bench_preannotate.py', *sys.argv[1:]])}`",
         f"Machine: {machine()}",
-        f"{args.tasks} synthetic panoramics {width}x{height}, SAM {args.sam} (random weights), one rq worker "
+        f"{args.tasks} synthetic panoramics {width}x{height}, SAM {args.sam} "
+        f"({'its packaged weights' if args.sam == 'lite_medsam' else 'random weights'}), "
+        f"SAM_RUNTIME={args.sam_runtime}, SAM_PREANNOTATE={args.sam_preannotate}, one rq worker "
         f"(WORKER_NICE default), backend under gunicorn, Label Studio 1.23.2, all on this machine.",
         "",
         "| pass | seconds | tasks per minute |",

@@ -1,11 +1,14 @@
 """Pre-annotation latency per image, by stage, cold and warm, against ultralytics' own YOLO -> SAM path.
 
     .venv/bin/python bench/bench_predict.py [--images 5] [--size 2000x1000] [--weights best.pt]
-                                            [--sams lite_medsam vit_b] [--out bench/results/predict_latency.md]
+                                            [--sams lite_medsam vit_b] [--runtimes openvino torch]
+                                            [--out bench/results/predict_latency.md]
 
 Images are synthetic panoramics (about 28 teeth). toothseg's pipeline with each SAM it offers:
 LiteMedSAM with its packaged weights, ViT-B with random weights (the same cost as the official
-checkpoint), both loaded through the production checkpoint path. ultralytics' path as a user writes
+checkpoint), both loaded through the production checkpoint path, and each image-encoder runtime
+(SAM_RUNTIME; OpenVINO's conversion, done once per machine, is timed apart and its fidelity to torch
+fp32 given: embedding cosine, mask IoU for the same boxes). ultralytics' path as a user writes
 it: `YOLO(weights)` and `SAM("sam_b.pt")` (the same ViT-B weights) loaded once, then per image the
 detector and SAM prompted with the boxes toothseg decodes. Both sides load their models once and
 are warmed on another image first; same images, same threads. Without --weights a detector is
@@ -40,6 +43,7 @@ from backend.label_config import render_label_config  # noqa: E402
 from backend.pipeline import Pipeline, PipelineOptions  # noqa: E402
 from backend.process import set_torch_threads  # noqa: E402
 from backend.sam import SAM_BUILDERS, EmbeddingCache, SamRefiner, build_sam, packaged_checkpoint  # noqa: E402
+from backend.sam_runtime import RUNTIMES, use_runtime  # noqa: E402
 from backend.timing import StageTimer  # noqa: E402
 from training.data.synth import generate, train_synthetic_detector  # noqa: E402
 
@@ -116,6 +120,21 @@ def toothseg_rows(detector: Detector, sam, checkpoint_id: str, files: list[Path]
     return rows, teeth, boxes
 
 
+def embedding_fidelity(reference, sam, path: Path, boxes) -> tuple[float, float]:
+    """`sam`'s image embedding and masks against `reference`'s (the same weights in torch fp32) on
+    the image at `path`, for `boxes`: (embedding cosine, mean mask IoU); 1.0 when no box."""
+    pixels = decode_image(path.read_bytes(), 10**9)
+    out = []
+    for model in (reference, sam):
+        refiner = SamRefiner(model, "fidelity", EmbeddingCache(1))
+        masks, _ = refiner.sam_masks(pixels, "fidelity", boxes)
+        out.append((refiner.cache.get(refiner.key("fidelity")).features, masks))
+    (ref_features, ref_masks), (features, masks) = out
+    cosine = float(torch.nn.functional.cosine_similarity(features.flatten(), ref_features.flatten(), dim=0))
+    ious = [(a & b).sum() / max((a | b).sum(), 1) for a, b in zip(masks, ref_masks)]
+    return cosine, float(statistics.mean(ious)) if ious else 1.0
+
+
 def ultralytics_rows(weights: Path, sam_path: Path, files: list[Path], boxes: list, warm_up: Path) -> list[dict]:
     """ultralytics' own path as a user writes it: `YOLO(weights)` and `SAM(checkpoint)` loaded once and
     warmed on `warm_up`, then per image the detector and SAM prompted with toothseg's boxes for it."""
@@ -147,6 +166,8 @@ def main() -> None:
     parser.add_argument("--weights")
     parser.add_argument("--sams", nargs="+", default=["lite_medsam", "vit_b"], choices=sorted(SAM_BUILDERS),
                         help="toothseg's SAMs to time (lite_medsam: its packaged weights; others: random weights)")
+    parser.add_argument("--runtimes", nargs="+", default=["openvino", "torch"], choices=RUNTIMES,
+                        help="SAM_RUNTIME values to time each SAM with (openvino: the default)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "predict_latency.md"))
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -168,7 +189,7 @@ def main() -> None:
     torch.manual_seed(0)
     vit_b = work / "sam_b.pt"
     torch.save(SAM_BUILDERS["vit_b"](checkpoint=None).state_dict(), vit_b)
-    results, sams = {}, {}
+    results, sams, converted = {}, {}, {}
     for name in args.sams:
         if name == "lite_medsam":
             checkpoint = packaged_checkpoint("lite_medsam")
@@ -177,15 +198,24 @@ def main() -> None:
         else:
             checkpoint = work / f"sam_{name}.pth"
             torch.save(SAM_BUILDERS[name](checkpoint=None).state_dict(), checkpoint)
-        sams[name] = build_sam(name, checkpoint)  # the production checkpoint path
-        results[name] = toothseg_rows(detector, sams[name], f"{name}-bench", files, warm_up, target)
-        print(f"toothseg {name}: done", flush=True)
+        for runtime in args.runtimes:
+            sam = build_sam(name, checkpoint)  # the production checkpoint path
+            t = time.perf_counter()
+            served = use_runtime(sam, runtime, f"{name}-bench", work / "openvino")
+            converted[name, runtime] = time.perf_counter() - t
+            if served != runtime:
+                raise SystemExit(f"SAM_RUNTIME={runtime} cannot serve {name} here (see the log above)")
+            sams[name, runtime] = sam
+            results[name, runtime] = toothseg_rows(detector, sam, f"{name}-{runtime}-bench", files, warm_up, target)
+            print(f"toothseg {name} {runtime}: done", flush=True)
     boxes = next(iter(results.values()))[2]
+    fidelity = {key: embedding_fidelity(sams[key[0], "torch"], sam, files[0], boxes[0])
+                for key, sam in sams.items() if key[1] != "torch" and (key[0], "torch") in sams}
     ultra = ultralytics_rows(weights, vit_b, files, boxes, warm_up)
     print("ultralytics: done", flush=True)
 
     # ---- SAM decoder batch size, on one cached embedding (the first SAM) ----
-    batch_sam = args.sams[0]
+    batch_sam = args.sams[0], args.runtimes[0]
     refiner = SamRefiner(sams[batch_sam], "bench", EmbeddingCache(4))
     pixels = decode_image(files[0].read_bytes(), 10**9)
     first_boxes = boxes[0][:28]
@@ -211,34 +241,39 @@ def main() -> None:
         f"Machine: {machine()}",
         f"Images: {args.images} synthetic panoramics {width}x{height} (seeds 500-{499 + args.images}); detector "
         f"{weights.name} (imgsz {detector.imgsz}); SAM: lite_medsam with its packaged weights, ViT-B with random "
-        "weights (the official checkpoint's cost). Both paths load their models once and are warmed on another "
-        "image first; ultralytics' SAM gets the boxes toothseg prompts with. Each cell: median (min-max) over "
-        "the images, ms.",
+        "weights (the official checkpoint's cost); image encoder runtimes (SAM_RUNTIME): "
+        f"{', '.join(args.runtimes)}, OpenVINO's converted on this run's first start. Both paths load their "
+        "models once and are warmed on another image first; ultralytics' SAM gets the boxes toothseg prompts with. "
+        "Each cell: median (min-max) over the images, ms.",
         "",
-        "| stage | " + " | ".join(f"toothseg {n} cold | toothseg {n} warm" for n in results) +
-        " | ultralytics YOLO + SAM ViT-B (warmed) |",
-        "|---|" + "---|---|" * len(results) + "---|",
+        "| path | " + " | ".join(STAGES) + " | total |",
+        "|---|" + "---|" * (len(STAGES) + 1),
     ]
+    for (name, runtime), (rows, _, _) in results.items():
+        for phase in ("cold", "warm"):
+            cells = [spread([r.get(stage, 0.0) for r in rows[phase]]) for stage in STAGES + ["total"]]
+            lines.append(f"| toothseg {name} {runtime} {phase} | {' | '.join(cells)} |")
     ul_stage = {"detector": "detector", "sam_encoder": "sam", "total": "total"}
-    for stage in STAGES + ["total"]:
-        cells = [spread([r.get(stage, 0.0) for r in rows[phase]]) for rows, _, _ in results.values()
-                 for phase in ("cold", "warm")]
-        ul = spread([r[ul_stage[stage]] for r in ultra]) if stage in ul_stage else "-"
-        if stage == "sam_encoder":
-            ul += " (encoder and decoder)"
-        lines.append(f"| {stage} | {' | '.join(cells)} | {ul} |")
-    lines += ["", f"Teeth kept per image: median {median(next(iter(results.values()))[1]):.0f}.", "",
-              "| toothseg SAM | cold / ultralytics' warmed ViT-B path | warm / cold | time outside model forward "
-              "passes / cold |", "|---|---|---|---|"]
-    for name, (rows, _, _) in results.items():
+    cells = [spread([r[ul_stage[stage]] for r in ultra]) if stage in ul_stage else "-" for stage in STAGES + ["total"]]
+    lines += [f"| ultralytics YOLO + SAM ViT-B (warmed; sam_encoder: encoder and decoder) | {' | '.join(cells)} |",
+              "", f"Teeth kept per image: median {median(next(iter(results.values()))[1]):.0f}.", "",
+              "| toothseg SAM | encoder runtime | first start: convert + compile s | cold | warm | cold / ultralytics' "
+              "warmed ViT-B path | warm / cold | time outside model forward passes / cold | embedding cosine to "
+              "torch | mask IoU to torch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (name, runtime), (rows, _, _) in results.items():
         cold = median([r["total"] for r in rows["cold"]])
         warm = median([r["total"] for r in rows["warm"]])
         outside = median([sum(v for k, v in r.items() if k not in FORWARD and k != "total") for r in rows["cold"]])
-        lines.append(f"| {name} | {cold / ul_total:.2f}x | {warm / cold:.2f}x | {outside / cold * 100:.1f}% |")
+        cosine, iou = ("1 (the reference)", "1") if runtime == "torch" else (
+            (f"{fidelity[name, runtime][0]:.6f}", f"{fidelity[name, runtime][1]:.3f}")
+            if (name, runtime) in fidelity else ("- (no torch run)", "-"))
+        first = f"{converted[name, runtime]:.0f}" if runtime != "torch" else "-"
+        lines.append(f"| {name} | {runtime} | {first} | {cold:.2f} s | {warm:.2f} s | {cold / ul_total:.2f}x | "
+                     f"{warm / cold:.2f}x | {outside / cold * 100:.1f}% | {cosine} | {iou} |")
     lines += [
         "",
-        f"SAM decoder ({batch_sam}), {len(first_boxes)} box prompts on one embedding, by prompts per call "
-        "(median of 2):",
+        f"SAM decoder ({batch_sam[0]}, encoder on {batch_sam[1]}), {len(first_boxes)} box prompts on one "
+        "embedding, by prompts per call (median of 2):",
         "",
         "| prompts per call | decoder (ms) |",
         "|---|---|",

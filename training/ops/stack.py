@@ -41,7 +41,7 @@ DEFAULTS = {
 
 # Variables the backend and the worker get, in both the compose file and the native stack.
 APP_ENV = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "MODEL_DIR", "SAM_CHECKPOINT", "SAM_MODEL_TYPE",
-           "SAM_PREANNOTATE", "YOLO_WEIGHTS", "LOCAL_FILES_DOCUMENT_ROOT", "EMBEDDING_CACHE_DIR",
+           "SAM_PREANNOTATE", "SAM_RUNTIME", "YOLO_WEIGHTS", "LOCAL_FILES_DOCUMENT_ROOT", "EMBEDDING_CACHE_DIR",
            "RETRAIN_MIN_NEW_ANNOTATIONS",
            "TRAIN_QUEUE", "PREANNOTATE_QUEUE", "IDLE_QUEUE", "LABEL_STUDIO_ML_BACKEND_V2", "DEVICE", "BASIC_AUTH_USER",
            "BASIC_AUTH_PASS", "WEBHOOK_SECRET")
@@ -130,6 +130,7 @@ class Stack:
             "SAM_CHECKPOINT": self.env.get("SAM_CHECKPOINT", ""),
             "SAM_MODEL_TYPE": self.env.get("SAM_MODEL_TYPE", "lite_medsam"),
             "SAM_PREANNOTATE": self.env.get("SAM_PREANNOTATE", "false"),
+            "SAM_RUNTIME": self.env.get("SAM_RUNTIME", "openvino"),
             "YOLO_WEIGHTS": self.env.get("YOLO_WEIGHTS", ""),
             "LOCAL_FILES_DOCUMENT_ROOT": str(self.images.parent),
             "EMBEDDING_CACHE_DIR": str(self.data / "embeddings"),
