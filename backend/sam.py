@@ -6,8 +6,9 @@ with SAM_TILE, tiles over the teeth (`tile_windows`).
 
 One image embedding per image (`SamPredictor.set_image`, the expensive encoder), then every
 tooth box is a prompt to the cheap mask decoder, `batch_size` boxes per call (SAM_BATCH_SIZE;
-`bench/results/predict_latency.md`: on a 2-core CPU LiteMedSAM decodes 28 boxes in 1.6 s at 2-4
-per call, 2.1 s one at a time, 2.0-2.7 s at 8 and more). For each box SAM's single best mask is
+`bench/results/predict_latency.md`: on a 2-core CPU LiteMedSAM decodes 28 boxes in 1.6-2.1 s at 1
+to 4 per call across runs, 2.0-3.5 s at 8 and more). The image encoder runs in torch or OpenVINO
+(SAM_RUNTIME, `backend.sam_runtime`). For each box SAM's single best mask is
 kept unless its predicted IoU is below `min_iou` or it overlaps YOLO's own mask by less than
 `min_agreement` (IoU); then YOLO's mask stays.
 
