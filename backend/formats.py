@@ -23,7 +23,6 @@ from typing import Any, Iterable, Mapping
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import BrushLabelsTag, PolygonLabelsTag
 
@@ -107,11 +106,16 @@ def find_target(label_config: str, prefer: str = BRUSH) -> Target:
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """(H, W) bool mask -> Label Studio brush RLE (RGBA-expanded, alpha 255 on the mask)."""
+    # label_studio_sdk's converter package imports nltk and more (0.8 s): only where RLE is used
+    from label_studio_sdk.converter.brush import mask2rle
+
     return mask2rle(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
 
 
 def rle_to_mask(rle: Iterable[int], height: int, width: int) -> np.ndarray:
     """Label Studio brush RLE -> (height, width) bool mask (alpha channel >= 128)."""
+    from label_studio_sdk.converter.brush import decode_rle  # as in mask_to_rle
+
     flat = decode_rle(list(rle))
     if flat.size != height * width * 4:
         raise ValueError(f"brush RLE holds {flat.size} values, expected {height}x{width}x4")
@@ -139,19 +143,35 @@ def mask_to_polygons(mask: np.ndarray, min_area: float = 4.0, epsilon: float = 0
     return polygons
 
 
+def polygons_to_region(polygons: Iterable[np.ndarray], height: int, width: int) -> tuple[int, int, np.ndarray]:
+    """`polygons_to_mask`'s pixels in the polygons' bounding box clipped to the image: (top row, left
+    column, (h, w) bool mask there); a (0, 0) mask when no pixel is inside the image. The polygons
+    are filled on that box alone (cv2.fillPoly of integer points is the same shifted by integers)."""
+    points = [np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32).reshape(-1, 2) for poly in polygons]
+    points = [p for p in points if len(p) >= 3]
+    if not points:
+        return 0, 0, np.zeros((0, 0), dtype=bool)
+    every = np.concatenate(points)
+    left, top = max(int(every[:, 0].min()), 0), max(int(every[:, 1].min()), 0)
+    right, bottom = min(int(every[:, 0].max()), width - 1), min(int(every[:, 1].max()), height - 1)
+    if right < left or bottom < top:
+        return 0, 0, np.zeros((0, 0), dtype=bool)
+    mask = np.zeros((bottom - top + 1, right - left + 1), dtype=bool)
+    canvas = np.zeros(mask.shape, dtype=np.uint8)
+    for pts in points:
+        canvas[:] = 0
+        cv2.fillPoly(canvas, [(pts - (left, top)).reshape(-1, 1, 2)], 1)
+        mask |= canvas.astype(bool)
+    return top, left, mask
+
+
 def polygons_to_mask(polygons: Iterable[np.ndarray], height: int, width: int) -> np.ndarray:
     """Fill (N, 2) pixel-coordinate polygons (col, row; rounded to the nearest pixel) into one
     (height, width) bool mask: the union of the polygons, each filled on its own (so overlapping
     parts stay filled, as in the STS scorer)."""
+    top, left, region = polygons_to_region(polygons, height, width)
     mask = np.zeros((height, width), dtype=bool)
-    canvas = np.zeros((height, width), dtype=np.uint8)
-    for poly in polygons:
-        pts = np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32).reshape(-1, 1, 2)
-        if len(pts) < 3:
-            continue
-        canvas[:] = 0
-        cv2.fillPoly(canvas, [pts], 1)
-        mask |= canvas.astype(bool)
+    mask[top:top + region.shape[0], left:left + region.shape[1]] = region
     return mask
 
 

@@ -416,3 +416,37 @@ def test_evaluate_folder_errors(tmp_path):
     _write(pred_dir, "a", {"11": box(1, 5, 1, 5, shape=(30, 60))})
     with pytest.raises(ValueError, match="image size"):
         evaluate_folder(pred_dir, gt_dir)
+
+
+def test_evaluate_folders_scores_both_variants_in_parallel_as_score_image_does(tmp_path):
+    """The folder path (each file read once, masks rasterised on their boxes, both NSD variants in
+    one pass, images in 2 processes) gives score_image's values on the full masks read_labelme gives,
+    with teeth touching the image border, missing, extra and overlapping."""
+    from training.data.labelme import read_labelme
+    from training.metrics import evaluate_folders
+
+    rng = np.random.default_rng(3)
+    shape = (48, 80)
+    for i in range(9):
+        def teeth(n):
+            out = {}
+            for label in rng.choice(["11", "12", "21", "22", "31", "41", "47"], size=n, replace=False):
+                r0, c0 = rng.integers(-4, shape[0] - 3), rng.integers(-4, shape[1] - 3)
+                m = box(max(r0, 0), r0 + int(rng.integers(2, 15)), max(c0, 0), c0 + int(rng.integers(2, 15)), shape)
+                out[str(label)] = m & (rng.random(shape) < 0.9)
+            return {k: v for k, v in out.items() if v.any()}
+        _write(tmp_path / "gt", f"{i}", teeth(int(rng.integers(1, 6))))
+        if i != 4:
+            _write(tmp_path / "pred", f"{i}", teeth(int(rng.integers(1, 6))))
+    (tmp_path / "pred").mkdir(exist_ok=True)
+    parallel = evaluate_folders(tmp_path / "pred", tmp_path / "gt", VARIANTS, workers=2)
+    assert evaluate_folders(tmp_path / "pred", tmp_path / "gt", VARIANTS, workers=1) == parallel
+    for variant in VARIANTS:
+        rows, _ = parallel[variant]
+        assert [r["image"] for r in rows] == [str(i) for i in range(9)]
+        for row in rows:
+            gt, _ = read_labelme(tmp_path / "gt" / f"{row['image']}.json")
+            pred_file = tmp_path / "pred" / f"{row['image']}.json"
+            pred = read_labelme(pred_file)[0] if pred_file.exists() else {}
+            expected = score_image(pred, gt, nsd=variant).as_dict()
+            assert {k: row[k] for k in expected} == pytest.approx(expected, abs=1e-12)

@@ -78,25 +78,34 @@ from scipy.ndimage.distance_transform_edt). Two surface definitions, chosen by `
   one is); here 1.0 and 0.0 as above. (2) Floating-point summation order (the scorer sorts
   surfels by distance before summing): differences of order 1e-15. (3) The scorer rounds
   each per-image value to 4 decimals in its CSV; nothing is rounded here. (4) Rasterisation
-  is not part of these metrics: `evaluate_folder` reads Labelme files with
-  `training.data.labelme.read_labelme`, whose polygon filling is documented there.
+  is not part of these metrics: `evaluate_folder` reads Labelme files as
+  `training.data.labelme.read_labelme` does (`read_regions`), whose polygon filling is documented there.
 
-Performance: distance transforms run on the bounding box of the pair's union padded by one
-pixel, not on the whole image. This is exact: every surface element of either mask lies
-inside that box, so the distance to the nearest one is the same in the box as in the image.
+Performance: a mask is kept as its bounding box and the pixels in it (`Region`; Labelme files are
+rasterised on that box alone). A pair is scored on the bounding box of its union padded by one
+pixel, not on the whole image: every surface element of either mask lies inside that box. "Within
+tau of the other surface" is a dilation of that surface by the disk of radius tau (the lattice
+offsets whose Euclidean length is <= tau), not a distance transform: the same elements, since the
+distance to the nearest element is <= tau exactly when one lies within that disk. Both NSD variants
+of a pair share its crop, Dice and IoU (`score_image_variants`), and `evaluate_folders` scores
+images in parallel processes.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import cv2
 import numpy as np
-from scipy import ndimage
 
-from training.data.labelme import read_labelme
+from backend.formats import polygons_to_region
+from training.data.labelme import read_labelme_polygons
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +114,7 @@ DEFAULT_TOLERANCE = 2.0
 IA_IOU_THRESHOLD = 0.5
 """A label is identified when the IoU of its two masks is strictly greater than this."""
 
-_FOUR_NEIGHBOURS = ndimage.generate_binary_structure(2, 1)
+_FOUR_NEIGHBOURS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
 def _slab_corner_areas() -> np.ndarray:
@@ -170,21 +179,70 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return _ratio(np.count_nonzero(a & b), np.count_nonzero(a | b))
 
 
-def _crop_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Both masks cut to the bounding box of their union and padded with one background
-    pixel on every side (the image border counts as outside); None if both are empty."""
-    union = a | b
-    rows = np.flatnonzero(union.any(axis=1))
-    if rows.size == 0:
+@dataclass(frozen=True)
+class Region:
+    """A non-empty mask as a box holding it: the (h, w) bool pixels `mask` whose top-left pixel is
+    (`top`, `left`) of the image (`of` gives the tightest box; a looser one scores the same)."""
+
+    top: int
+    left: int
+    mask: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> "Region | None":
+        """The region of a full (H, W) mask; None when it is empty."""
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size == 0:
+            return None
+        cols = np.flatnonzero(mask.any(axis=0))
+        return cls(int(rows[0]), int(cols[0]), mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(top, left, bottom, right), bottom and right exclusive."""
+        return self.top, self.left, self.top + self.mask.shape[0], self.left + self.mask.shape[1]
+
+    def paste(self, canvas: np.ndarray, top: int, left: int) -> None:
+        """OR this region into `canvas`, whose top-left pixel is (`top`, `left`) of the image."""
+        y, x = self.top - top, self.left - left
+        canvas[y:y + self.mask.shape[0], x:x + self.mask.shape[1]] |= self.mask
+
+
+def _union_box(regions) -> tuple[int, int, int, int]:
+    boxes = np.array([r.box for r in regions])
+    return int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max())
+
+
+def _union(regions: Sequence[Region]) -> Region | None:
+    """One region holding the union of `regions` (None when there is none)."""
+    if not regions:
         return None
-    cols = np.flatnonzero(union.any(axis=0))
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    return np.pad(a[box], 1), np.pad(b[box], 1)
+    if len(regions) == 1:
+        return regions[0]
+    top, left, bottom, right = _union_box(regions)
+    canvas = np.zeros((bottom - top, right - left), dtype=bool)
+    for r in regions:
+        r.paste(canvas, top, left)
+    return Region(top, left, canvas)
+
+
+def _padded_crops(a: Region | None, b: Region | None) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks on the bounding box of their union padded with one background pixel on every
+    side (the image border counts as outside); at least one of them is not None."""
+    present = [r for r in (a, b) if r is not None]
+    top, left, bottom, right = _union_box(present)
+    crops = []
+    for r in (a, b):
+        crop = np.zeros((bottom - top + 2, right - left + 2), dtype=bool)
+        if r is not None:
+            r.paste(crop, top - 1, left - 1)
+        crops.append(crop)
+    return crops[0], crops[1]
 
 
 def _contour_surface(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Boundary pixels (4-neighbour rule) of a padded mask, each of weight 1."""
-    boundary = mask & ~ndimage.binary_erosion(mask, structure=_FOUR_NEIGHBOURS)
+    boundary = mask & ~cv2.erode(mask.view(np.uint8), _FOUR_NEIGHBOURS).view(bool)
     return boundary, boundary.astype(np.float64)
 
 
@@ -196,15 +254,30 @@ def _sts_surface(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return code != 0, _SLAB_CORNER_AREA[code]
 
 
+_SURFACES = {"sts": _sts_surface, "contour": _contour_surface}
+
+
+@lru_cache(maxsize=8)
+def _disk(tolerance: float) -> np.ndarray:
+    """The lattice offsets within `tolerance` (Euclidean, inclusive), as a uint8 kernel."""
+    r = int(math.floor(tolerance))
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    return (np.sqrt((dx * dx + dy * dy).astype(np.float64)) <= tolerance).astype(np.uint8)
+
+
+def _near(surface: np.ndarray, tolerance: float) -> np.ndarray:
+    """Elements within `tolerance` of a surface element (the surface dilated by the disk)."""
+    return cv2.dilate(surface.view(np.uint8), _disk(tolerance), borderType=cv2.BORDER_CONSTANT,
+                      borderValue=0).view(bool)
+
+
 def _surface_dice(a: np.ndarray, b: np.ndarray, variant: str, tolerance: float) -> float:
     """NSD of two padded crops (see the module docstring); both must be non-empty."""
-    surface = _sts_surface if variant == "sts" else _contour_surface
+    surface = _SURFACES[variant]
     surf_a, weight_a = surface(a)
     surf_b, weight_b = surface(b)
-    dist_to_b = ndimage.distance_transform_edt(~surf_b)
-    dist_to_a = ndimage.distance_transform_edt(~surf_a)
-    close = (weight_a[surf_a & (dist_to_b <= tolerance)].sum()
-             + weight_b[surf_b & (dist_to_a <= tolerance)].sum())
+    close = (weight_a[surf_a & _near(surf_b, tolerance)].sum()
+             + weight_b[surf_b & _near(surf_a, tolerance)].sum())
     total = weight_a[surf_a].sum() + weight_b[surf_b].sum()
     return float(close / total)
 
@@ -218,19 +291,21 @@ def nsd(a: np.ndarray, b: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, vari
     """
     _check_options(variant, tolerance)
     a, b = _as_pair(a, b)
-    return _pair_scores(a, b, variant, tolerance)[2]
+    return _pair_scores(Region.of(a), Region.of(b), (variant,), tolerance)[2][variant]
 
 
-def _pair_scores(pred: np.ndarray, gt: np.ndarray, variant: str, tolerance: float) -> tuple[float, float, float]:
-    """(Dice, IoU, NSD) of two same-shape bool masks, computed on their union's bounding box."""
-    crops = _crop_pair(pred, gt)
-    if crops is None:
-        return 1.0, 1.0, 1.0
-    p, g = crops
-    size_p, size_g = np.count_nonzero(p), np.count_nonzero(g)
+def _pair_scores(pred: Region | None, gt: Region | None, variants: Sequence[str],
+                 tolerance: float) -> tuple[float, float, dict[str, float]]:
+    """(Dice, IoU, {variant: NSD}) of two masks (None: empty), computed on their union's bounding box."""
+    if pred is None and gt is None:
+        return 1.0, 1.0, {v: 1.0 for v in variants}
+    if pred is None or gt is None:
+        return 0.0, 0.0, {v: 0.0 for v in variants}
+    p, g = _padded_crops(pred, gt)
+    size_p, size_g = np.count_nonzero(pred.mask), np.count_nonzero(gt.mask)
     inter = np.count_nonzero(p & g)
-    surface_dice = _surface_dice(p, g, variant, tolerance) if size_p and size_g else 0.0
-    return 2 * inter / (size_p + size_g), inter / (size_p + size_g - inter), surface_dice
+    return (2 * inter / (size_p + size_g), inter / (size_p + size_g - inter),
+            {v: _surface_dice(p, g, v, tolerance) for v in variants})
 
 
 # --- per-image scores ----------------------------------------------------------------------
@@ -261,13 +336,13 @@ class Scores:
         return asdict(self)
 
 
-def _label_masks(masks: Mapping[str, np.ndarray], side: str) -> dict[str, np.ndarray]:
-    """{label: bool mask} of the non-empty masks; ValueError for a mask that is not 2-D."""
+def _label_regions(masks: Mapping[str, np.ndarray], side: str) -> dict[str, Region]:
+    """{label: Region} of the non-empty masks; ValueError for a mask that is not 2-D."""
     out = {}
     for label, mask in masks.items():
-        m = _as_mask(mask, f"{side} mask {label!r}")
-        if m.any():
-            out[str(label)] = m
+        region = Region.of(_as_mask(mask, f"{side} mask {label!r}"))
+        if region is not None:
+            out[str(label)] = region
     return out
 
 
@@ -289,28 +364,29 @@ def score_image(pred: Mapping[str, np.ndarray], gt: Mapping[str, np.ndarray], ns
     Raises ValueError if the masks do not all have the same (H, W) shape.
     """
     _check_options(nsd, tolerance)
-    shape = _common_shape(pred, gt)
-    pred_masks, gt_masks = _label_masks(pred, "prediction"), _label_masks(gt, "GT")
-    if shape is None:  # no mask on either side: nothing to miss, nothing extra
-        return Scores(*(1.0,) * len(fields(Scores)))
-    empty = np.zeros(shape, dtype=bool)
+    _common_shape(pred, gt)
+    return score_regions(_label_regions(pred, "prediction"), _label_regions(gt, "GT"), (nsd,), tolerance)[nsd]
 
-    def union(masks: dict[str, np.ndarray]) -> np.ndarray:
-        return np.logical_or.reduce(list(masks.values())) if masks else empty
 
-    image = _pair_scores(union(pred_masks), union(gt_masks), nsd, tolerance)
-
-    if gt_masks:
-        pairs = {label: _pair_scores(pred_masks.get(label, empty), mask, nsd, tolerance)
-                 for label, mask in gt_masks.items()}
-        instance = tuple(float(np.mean([p[k] for p in pairs.values()])) for k in range(3))
-        identified = sum(1 for p in pairs.values() if p[1] > IA_IOU_THRESHOLD)
+def score_regions(pred: Mapping[str, Region], gt: Mapping[str, Region], variants: Sequence[str] = NSD_VARIANTS,
+                  tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Scores]:
+    """`score_image` of one image's non-empty masks as regions ({FDI label: Region}), for each NSD
+    variant of `variants` at once: {variant: Scores}."""
+    image_dice, image_iou, image_nsd = _pair_scores(_union(list(pred.values())), _union(list(gt.values())),
+                                                    variants, tolerance)
+    if gt:
+        pairs = [_pair_scores(pred.get(label), region, variants, tolerance) for label, region in gt.items()]
+        instance_dice, instance_iou = (float(np.mean([p[k] for p in pairs])) for k in range(2))
+        instance_nsd = {v: float(np.mean([p[2][v] for p in pairs])) for v in variants}
+        identified = sum(1 for p in pairs if p[1] > IA_IOU_THRESHOLD)
     else:
-        instance = (0.0, 0.0, 0.0) if pred_masks else (1.0, 1.0, 1.0)
+        instance_dice = instance_iou = 0.0 if pred else 1.0
+        instance_nsd = {v: instance_dice for v in variants}
         identified = 0
-    labels = set(gt_masks) | set(pred_masks)
+    labels = set(gt) | set(pred)
     ia = identified / len(labels) if labels else 1.0
-    return Scores(*image, *instance, ia)
+    return {v: Scores(image_dice, image_iou, image_nsd[v], instance_dice, instance_iou, instance_nsd[v], ia)
+            for v in variants}
 
 
 def mean_scores(scores: Sequence[Scores]) -> Scores:
@@ -320,17 +396,44 @@ def mean_scores(scores: Sequence[Scores]) -> Scores:
     return Scores(**{f.name: float(np.mean([getattr(s, f.name) for s in scores])) for f in fields(Scores)})
 
 
-def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, nsd: str = "sts",
-                    tolerance: float = DEFAULT_TOLERANCE) -> tuple[list[dict], Scores]:
-    """Score every STS Labelme JSON of `gt_dir` against the file of the same stem in `pred_dir`.
+def read_regions(path: Path) -> tuple[dict[str, Region], tuple[int, int]]:
+    """A Labelme file's non-empty masks as regions ({FDI label: Region}) and its (height, width):
+    `training.data.labelme.read_labelme`'s pixels, each label rasterised on its own box."""
+    by_label, height, width = read_labelme_polygons(path)
+    regions = {}
+    for label, polygons in by_label.items():
+        top, left, mask = polygons_to_region(polygons, height, width)
+        if mask.any():
+            regions[label] = Region(top, left, mask)
+    return regions, (height, width)
+
+
+def _score_files(gt_path: Path, pred_path: Path | None, variants: Sequence[str],
+                 tolerance: float) -> dict[str, Scores]:
+    gt, gt_size = read_regions(gt_path)
+    pred: dict = {}
+    if pred_path is not None:
+        pred, pred_size = read_regions(pred_path)
+        if pred_size != gt_size:
+            raise ValueError(f"{pred_path}: image size {pred_size} differs from the GT's {gt_size} ({gt_path})")
+    return score_regions(pred, gt, variants, tolerance)
+
+
+def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, variants: Sequence[str] = NSD_VARIANTS,
+                     tolerance: float = DEFAULT_TOLERANCE, workers: int | None = None
+                     ) -> dict[str, tuple[list[dict], Scores]]:
+    """Score every STS Labelme JSON of `gt_dir` against the file of the same stem in `pred_dir`,
+    each file read once, for each NSD variant of `variants`: {variant: (rows, mean Scores)}.
 
     A GT file without a prediction is scored against an empty prediction; prediction files
-    without GT are ignored with a warning. Returns (rows sorted by stem, each
-    {"image": stem, <Scores fields>, "missing_prediction": bool}, their mean Scores).
+    without GT are ignored with a warning. Rows are sorted by stem, each {"image": stem,
+    <Scores fields>, "missing_prediction": bool}. Images are scored in `workers` processes (None:
+    up to one per CPU, at least 4 images each; 1: in this process).
     Raises ValueError if `gt_dir` holds no .json file or an image's sizes differ, NotADirectoryError
     if a folder does not exist, training.data.labelme.LabelmeError for an unreadable file.
     """
-    _check_options(nsd, tolerance)
+    for variant in variants:
+        _check_options(variant, tolerance)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder in (pred_dir, gt_dir):
         if not folder.is_dir():
@@ -344,16 +447,26 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, nsd: str = "sts",
         logger.warning("%d prediction file(s) in %s have no ground truth and are ignored: %s",
                        len(extra), pred_dir, ", ".join(extra))
 
-    rows, scores = [], []
-    for stem, gt_path in gt_files.items():
-        gt, gt_size = read_labelme(gt_path)
-        pred_path = pred_files.get(stem)
-        pred: dict[str, np.ndarray] = {}
-        if pred_path is not None:
-            pred, pred_size = read_labelme(pred_path)
-            if pred_size != gt_size:
-                raise ValueError(f"{pred_path}: image size {pred_size} differs from the GT's {gt_size} ({gt_path})")
-        s = score_image(pred, gt, nsd=nsd, tolerance=tolerance)
-        scores.append(s)
-        rows.append({"image": stem, **s.as_dict(), "missing_prediction": pred_path is None})
-    return rows, mean_scores(scores)
+    stems = list(gt_files)
+    score = partial(_score_files, variants=tuple(variants), tolerance=tolerance)
+    args = ([gt_files[s] for s in stems], [pred_files.get(s) for s in stems])
+    if workers is None:
+        workers = min(os.cpu_count() or 1, len(stems) // 4)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(score, *args, chunksize=max(1, len(stems) // (4 * workers))))
+    else:
+        results = list(map(score, *args))
+    out = {}
+    for variant in variants:
+        scores = [r[variant] for r in results]
+        rows = [{"image": stem, **s.as_dict(), "missing_prediction": stem not in pred_files}
+                for stem, s in zip(stems, scores)]
+        out[variant] = (rows, mean_scores(scores))
+    return out
+
+
+def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, nsd: str = "sts",
+                    tolerance: float = DEFAULT_TOLERANCE, workers: int | None = None) -> tuple[list[dict], Scores]:
+    """`evaluate_folders` for one NSD variant `nsd`: (rows, their mean Scores)."""
+    return evaluate_folders(pred_dir, gt_dir, (nsd,), tolerance, workers)[nsd]

@@ -420,8 +420,8 @@ def _merge_variants(results: dict[str, tuple[list[dict], Scores]]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.data.labelme import LabelmeError, read_labelme
-    from training.metrics import DEFAULT_TOLERANCE, NSD_VARIANTS, evaluate_folder
+    from training.data.labelme import LabelmeError, read_labelme_polygons
+    from training.metrics import DEFAULT_TOLERANCE, NSD_VARIANTS, evaluate_folders
 
     pred, gt = Path(args.pred), Path(args.gt)
     for folder in (pred, gt):
@@ -432,13 +432,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     errors = []
     for path in to_check:
         try:
-            read_labelme(path)
+            read_labelme_polygons(path)
         except LabelmeError as exc:
             errors.append(str(exc).replace("\n", " "))
             _report(errors[-1])
     if errors:
         raise CLIError(f"{len(errors)} unreadable Labelme file(s) (listed above): nothing scored")
-    results = {variant: evaluate_folder(pred, gt, nsd=variant) for variant in NSD_VARIANTS}
+    results = evaluate_folders(pred, gt, NSD_VARIANTS)
     rows, means = _merge_variants(results)
     csv_path = Path(args.csv) if args.csv else pred.resolve().parent / "metrics.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,9 @@ def masks_to_labelme(masks: Mapping[str, np.ndarray], image_path: str, epsilon: 
     return polygons_to_labelme({k: v for k, v in polys.items() if v}, image_path, height, width)
 
 
-def labelme_to_masks(doc: Mapping[str, Any], source: str = "labelme") -> dict[str, np.ndarray]:
-    """A Labelme document -> {FDI label: (H, W) bool mask}; shapes of one label are unioned.
+def labelme_polygons(doc: Mapping[str, Any], source: str = "labelme") -> tuple[dict[str, list[np.ndarray]], int, int]:
+    """A Labelme document -> ({FDI label: its shapes' (N, 2) points, truncated to integers as the
+    scorer does}, height, width).
 
     Raises LabelmeError naming `source` and the problem for a malformed document or a shape
     whose label is not an FDI tooth.
@@ -83,18 +84,34 @@ def labelme_to_masks(doc: Mapping[str, Any], source: str = "labelme") -> dict[st
         if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
             raise LabelmeError(f"{source}: shape {i} ({label}) needs at least 3 (x, y) points")
         by_label.setdefault(label, []).append(np.trunc(points))  # int32 cast, as the scorer
+    return by_label, height, width
+
+
+def labelme_to_masks(doc: Mapping[str, Any], source: str = "labelme") -> dict[str, np.ndarray]:
+    """A Labelme document -> {FDI label: (H, W) bool mask}; shapes of one label are unioned.
+    LabelmeError as `labelme_polygons`."""
+    by_label, height, width = labelme_polygons(doc, source)
     return {label: polygons_to_mask(polys, height, width) for label, polys in by_label.items()}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LabelmeError(f"{path}: cannot read JSON: {exc}") from exc
 
 
 def read_labelme(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
     """Read a Labelme file -> ({FDI label: mask}, (height, width))."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LabelmeError(f"{path}: cannot read JSON: {exc}") from exc
+    doc = _read_json(path)
     masks = labelme_to_masks(doc, source=str(path))
     return masks, (int(doc["imageHeight"]), int(doc["imageWidth"]))
+
+
+def read_labelme_polygons(path: str | Path) -> tuple[dict[str, list[np.ndarray]], int, int]:
+    """Read a Labelme file -> `labelme_polygons` (nothing rasterised: a cheap check of a file)."""
+    return labelme_polygons(_read_json(Path(path)), source=str(path))
 
 
 def write_labelme(path: str | Path, doc: Mapping[str, Any]) -> None:
