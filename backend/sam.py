@@ -266,10 +266,11 @@ class SamRefiner:
         checkpoint = checkpoint or packaged_checkpoint(model_type)
         if checkpoint is None:
             return None
+        logger.info("loading SAM %s from %s", model_type, checkpoint)
         sam, checkpoint_id = build_sam(model_type, checkpoint, device), f"{model_type}-{file_identity(checkpoint)}"
         served = use_runtime(sam, runtime, checkpoint_id, runtime_cache or default_cache_dir(cache and cache.directory),
                              device)
-        logger.info("loaded SAM %s from %s; image encoder runtime: %s", model_type, checkpoint, served)
+        logger.info("SAM %s: image encoder runtime: %s", model_type, served)
         return cls(sam, checkpoint_id, cache, **options)
 
     def with_decoder(self, state: dict, min_iou: float | None = None,

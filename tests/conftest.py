@@ -271,6 +271,12 @@ def start_worker(tmp_path):
         # a worker stopped mid-job (warm shutdown past stop's wait, then SIGKILL) would leave its work
         # horse and scheduler running into the next test: they are found by pid and killed too
         tree = _descendants(proc.pid)
+        if proc.poll() is None:  # warm shutdown; a second SIGTERM is rq's cold one (a job in hand is killed)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
         stop(proc)
         for pid in tree:
             try:

@@ -399,6 +399,7 @@ def synth_gt(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # `toothseg predict` and `evaluate` processes with the trained detector: about 11 s
 def test_predict_and_evaluate(synth_gt, trained_weights, tmp_path):
     images = sorted((synth_gt / "images").glob("*.png"))
     env = {"MODEL_DIR": str(tmp_path / "models")}

@@ -215,6 +215,7 @@ def test_queued_job_survives_a_redis_restart(tmp_path, start_worker):
         server.stop()
 
 
+@pytest.mark.slow  # a worker retrying with backoff: about 35 s
 @pytest.mark.scenario("Label Studio unreachable while a retrain exports",
                       "the job is retried with backoff, then fails with the reason in its status; the project "
                       "is released and the current model untouched")

@@ -9,6 +9,8 @@ from backend.label_config import render_label_config
 from conftest import register_model
 from training.ops.stack import _descendants
 
+pytestmark = pytest.mark.slow  # a gunicorn backend under 20 concurrent requests: about 1 min
+
 
 def peak_rss_mb(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):

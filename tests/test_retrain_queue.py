@@ -277,6 +277,7 @@ def test_an_entry_being_enqueued_is_not_taken_for_stale(redis_url):
     assert q.active_job("21") is None and event(q, "21", start_training=True).status == "enqueued"
 
 
+@pytest.mark.slow  # three `toothseg train --now` processes, the last retrying an unreachable export: about 25 s
 def test_train_now_takes_the_project_lock(redis_url, tmp_path):
     import sys
 

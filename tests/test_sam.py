@@ -135,6 +135,7 @@ print("cached" if refiner.set_image(generate(3, size=(512, 512)).image, "synthet
 """
 
 
+@pytest.mark.slow  # new processes that load SAM: about 20 s
 def test_a_new_process_reuses_the_embedding_on_disk_and_a_torn_file_is_rewritten(tmp_path):
     """The disk copy of an image's embedding is what a second process (a worker after the backend,
     a restarted backend) uses instead of the encoder; a torn file is ignored and written again;

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from backend import sam_runtime
-from backend.sam import SAM_BUILDERS, SamRefiner
+from backend.sam import SamRefiner
 from backend.sam_runtime import OpenVinoEncoder, openvino_encoder
 from backend.settings import Settings
 from training.data.synth import generate
@@ -102,12 +102,11 @@ def test_without_openvino_the_encoder_runs_in_torch_with_one_log_line(tmp_path, 
     assert refiner.encoder_runtime == "torch" and len(warnings_of(caplog)) == 1, warnings_of(caplog)
 
 
-def tiny_encoder(seed: int, img_size: int = 1024) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if img_size == 1024:
-        return SAM_BUILDERS["vit_tiny"](checkpoint=None).image_encoder.eval()
+def tiny_encoder(seed: int, img_size: int = 256) -> torch.nn.Module:
+    """A ViT image encoder of SAM's kind small enough to convert in about a second."""
     from segment_anything.modeling import ImageEncoderViT
 
+    torch.manual_seed(seed)
     return ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=64, depth=2, num_heads=2, out_chans=256,
                            use_rel_pos=True, window_size=14, global_attn_indexes=[1]).eval()
 
@@ -119,11 +118,11 @@ def test_converted_encoder_is_cached_by_checkpoint_input_size_and_openvino_versi
     first = openvino_encoder(tiny_encoder(0), "vit_tiny-aaaa", cache, 2)
     again = openvino_encoder(tiny_encoder(0), "vit_tiny-aaaa", cache, 2)
     assert first.converted and not again.converted and again.path == first.path
-    x = torch.randn(1, 3, 1024, 1024)
+    x = torch.randn(1, 3, 256, 256)
     assert torch.allclose(first(x), again(x))
     other_checkpoint = openvino_encoder(tiny_encoder(1), "vit_tiny-bbbb", cache, 2)
-    other_size = openvino_encoder(tiny_encoder(0, img_size=512), "vit_tiny-aaaa", cache, 2)
-    assert other_size(torch.randn(1, 3, 512, 512)).shape == (1, 256, 32, 32)
+    other_size = openvino_encoder(tiny_encoder(0, img_size=128), "vit_tiny-aaaa", cache, 2)
+    assert other_size(torch.randn(1, 3, 128, 128)).shape == (1, 256, 8, 8)
     monkeypatch.setattr(sam_runtime, "openvino_version", lambda: "2099.1.0")
     other_version = openvino_encoder(tiny_encoder(0), "vit_tiny-aaaa", cache, 2)
     for encoder in (other_checkpoint, other_size, other_version):
@@ -132,7 +131,8 @@ def test_converted_encoder_is_cached_by_checkpoint_input_size_and_openvino_versi
     assert not list(cache.glob(".*"))  # no temporary folder left
 
 
-def test_processes_starting_together_convert_once(tmp_path, sam_checkpoint):
+@pytest.mark.slow  # three processes that each import torch and OpenVINO: about 10 s
+def test_processes_starting_together_convert_once(tmp_path):
     """Three processes ask for the same uncached encoder at the same moment (each waits, ready, for
     a start file): one converts, the others read its result; every one gets a working encoder."""
     script = textwrap.dedent(f"""
@@ -140,19 +140,20 @@ def test_processes_starting_together_convert_once(tmp_path, sam_checkpoint):
         from pathlib import Path
         import torch
         sys.path.insert(0, {str(REPO)!r})
-        from backend.sam import build_sam
+        sys.path.insert(0, {str(REPO / 'tests')!r})
         from backend.sam_runtime import openvino_encoder
+        from test_sam_runtime import tiny_encoder
         import openvino
-        encoder = build_sam("vit_tiny", Path({str(sam_checkpoint)!r})).image_encoder
+        encoder = tiny_encoder(0)
         print("ready", flush=True)
         while not Path({str(tmp_path / 'go')!r}).exists():
             time.sleep(0.01)
         result = openvino_encoder(encoder, "vit_tiny-together", Path({str(tmp_path / 'cache')!r}), 1)
-        print("converted" if result.converted else "read", tuple(result(torch.zeros(1, 3, 1024, 1024)).shape),
+        print("converted" if result.converted else "read", tuple(result(torch.zeros(1, 3, 256, 256)).shape),
               flush=True)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True) for _ in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for _ in range(3)]
     try:
         for proc in procs:
             assert proc.stdout.readline().strip() == "ready"
@@ -162,5 +163,5 @@ def test_processes_starting_together_convert_once(tmp_path, sam_checkpoint):
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert sorted(outcomes) == ["converted (1, 256, 64, 64)", "read (1, 256, 64, 64)", "read (1, 256, 64, 64)"], \
+    assert sorted(outcomes) == ["converted (1, 256, 16, 16)", "read (1, 256, 16, 16)", "read (1, 256, 16, 16)"], \
         outcomes

@@ -12,6 +12,7 @@ from training.data.dataset_io import DatasetItem
 from training.data.synth import generate
 from training.sam_training import decoder_state, tune_sam
 
+pytestmark = pytest.mark.slow  # trains SAM's decoder, and a detector in a smoke retrain: about 1.5 min
 SIZE = (512, 512)
 
 
