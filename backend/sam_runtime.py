@@ -20,6 +20,7 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -54,7 +55,9 @@ def cache_key(checkpoint_id: str, img_size: int, version: str) -> str:
 
 class OpenVinoEncoder(torch.nn.Module):
     """An OpenVINO-compiled SAM image encoder with the torch module's interface (`img_size`,
-    `forward(x) -> features`). Frozen: a deep copy (as `tune_sam` makes of the SAM) shares it."""
+    `forward(x) -> features`). Frozen: a deep copy (as `tune_sam` makes of the SAM) shares it, and
+    so do the refiners of tuned decoders (`SamRefiner.with_decoder`), each with its own lock: the
+    compiled model's one infer request is held by one call at a time."""
 
     runtime = "openvino"
 
@@ -64,10 +67,12 @@ class OpenVinoEncoder(torch.nn.Module):
         self.img_size = img_size
         self.path = path
         self.converted = converted  # whether this process converted it (False: read from the cache)
+        self._lock = threading.Lock()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.compiled(x.detach().to("cpu", torch.float32).numpy())[0]
-        return torch.from_numpy(np.array(out))
+        with self._lock:
+            out = self.compiled(x.detach().to("cpu", torch.float32).numpy())[0]
+            return torch.from_numpy(np.array(out))
 
     def __deepcopy__(self, memo):
         return self

@@ -165,3 +165,27 @@ def test_processes_starting_together_convert_once(tmp_path):
                 proc.kill()
     assert sorted(outcomes) == ["converted (1, 256, 16, 16)", "read (1, 256, 16, 16)", "read (1, 256, 16, 16)"], \
         outcomes
+
+
+def test_threads_sharing_a_converted_encoder_get_their_own_embeddings(tmp_path):
+    """The shipped SAM's refiner and a tuned decoder's share one encoder, each with its own lock: two
+    threads encoding different images at once each get their image's embedding (OpenVINO's compiled
+    model has one infer request; without the encoder's lock they got each other's results)."""
+    import threading
+
+    encoder = openvino_encoder(tiny_encoder(0), "vit_tiny-threads", tmp_path, 1)
+    inputs = [torch.randn(1, 3, 256, 256) for _ in range(2)]
+    expected = [encoder(x) for x in inputs]
+    wrong = []
+
+    def encode(i: int) -> None:
+        for _ in range(50):
+            if not torch.equal(encoder(inputs[i]), expected[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} of 100 embeddings were another thread's"
