@@ -87,8 +87,8 @@ pixel, not on the whole image: every surface element of either mask lies inside 
 tau of the other surface" is a dilation of that surface by the disk of radius tau (the lattice
 offsets whose Euclidean length is <= tau), not a distance transform: the same elements, since the
 distance to the nearest element is <= tau exactly when one lies within that disk. Both NSD variants
-of a pair share its crop, Dice and IoU (`score_image_variants`), and `evaluate_folders` scores
-images in parallel processes.
+of a pair share its crop, Dice and IoU (`score_regions`), and `evaluate_folders` reads each file once
+and scores images in parallel processes.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ import cv2
 import numpy as np
 
 from backend.formats import polygons_to_region
-from training.data.labelme import read_labelme_polygons
+from training.data.labelme import LabelmeError, read_labelme_polygons
 
 logger = logging.getLogger(__name__)
 
@@ -409,14 +409,20 @@ def read_regions(path: Path) -> tuple[dict[str, Region], tuple[int, int]]:
 
 
 def _score_files(gt_path: Path, pred_path: Path | None, variants: Sequence[str],
-                 tolerance: float) -> dict[str, Scores]:
-    gt, gt_size = read_regions(gt_path)
-    pred: dict = {}
-    if pred_path is not None:
-        pred, pred_size = read_regions(pred_path)
-        if pred_size != gt_size:
-            raise ValueError(f"{pred_path}: image size {pred_size} differs from the GT's {gt_size} ({gt_path})")
-    return score_regions(pred, gt, variants, tolerance)
+                 tolerance: float) -> tuple[dict[str, Scores] | None, list[str]]:
+    """(scores, []) of one image's pair of files, or (None, what is wrong with each unreadable one)."""
+    read, errors = [], []
+    for path in (gt_path, pred_path):
+        try:
+            read.append(read_regions(path) if path is not None else ({}, None))
+        except LabelmeError as exc:
+            errors.append(str(exc).replace("\n", " "))
+    if errors:
+        return None, errors
+    (gt, gt_size), (pred, pred_size) = read
+    if pred_size is not None and pred_size != gt_size:
+        raise ValueError(f"{pred_path}: image size {pred_size} differs from the GT's {gt_size} ({gt_path})")
+    return score_regions(pred, gt, variants, tolerance), []
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, variants: Sequence[str] = NSD_VARIANTS,
@@ -430,7 +436,8 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, variants: Sequenc
     <Scores fields>, "missing_prediction": bool}. Images are scored in `workers` processes (None:
     up to one per CPU, at least 4 images each; 1: in this process).
     Raises ValueError if `gt_dir` holds no .json file or an image's sizes differ, NotADirectoryError
-    if a folder does not exist, training.data.labelme.LabelmeError for an unreadable file.
+    if a folder does not exist, training.data.labelme.LabelmeError naming every unreadable file (one
+    line each) when any is.
     """
     for variant in variants:
         _check_options(variant, tolerance)
@@ -457,9 +464,12 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, variants: Sequenc
             results = list(pool.map(score, *args, chunksize=max(1, len(stems) // (4 * workers))))
     else:
         results = list(map(score, *args))
+    errors = [error for _, errs in results for error in errs]
+    if errors:
+        raise LabelmeError("\n".join(errors))
     out = {}
     for variant in variants:
-        scores = [r[variant] for r in results]
+        scores = [r[variant] for r, _ in results]
         rows = [{"image": stem, **s.as_dict(), "missing_prediction": stem not in pred_files}
                 for stem, s in zip(stems, scores)]
         out[variant] = (rows, mean_scores(scores))

@@ -420,25 +420,20 @@ def _merge_variants(results: dict[str, tuple[list[dict], Scores]]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.data.labelme import LabelmeError, read_labelme_polygons
+    from training.data.labelme import LabelmeError
     from training.metrics import DEFAULT_TOLERANCE, NSD_VARIANTS, evaluate_folders
 
     pred, gt = Path(args.pred), Path(args.gt)
     for folder in (pred, gt):
         if not folder.is_dir():
             raise CLIError(f"{folder}: not a folder")
-    gt_files = sorted(gt.glob("*.json"))
-    to_check = gt_files + [p for p in sorted(pred.glob("*.json")) if (gt / p.name).exists()]
-    errors = []
-    for path in to_check:
-        try:
-            read_labelme_polygons(path)
-        except LabelmeError as exc:
-            errors.append(str(exc).replace("\n", " "))
-            _report(errors[-1])
-    if errors:
-        raise CLIError(f"{len(errors)} unreadable Labelme file(s) (listed above): nothing scored")
-    results = evaluate_folders(pred, gt, NSD_VARIANTS)
+    try:
+        results = evaluate_folders(pred, gt, NSD_VARIANTS)
+    except LabelmeError as exc:  # every unreadable file, one per line
+        errors = str(exc).splitlines()
+        for error in errors:
+            _report(error)
+        raise CLIError(f"{len(errors)} unreadable Labelme file(s) (listed above): nothing scored") from None
     rows, means = _merge_variants(results)
     csv_path = Path(args.csv) if args.csv else pred.resolve().parent / "metrics.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,8 @@ def read_labelme(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[int, in
 
 
 def read_labelme_polygons(path: str | Path) -> tuple[dict[str, list[np.ndarray]], int, int]:
-    """Read a Labelme file -> `labelme_polygons` (nothing rasterised: a cheap check of a file)."""
+    """Read a Labelme file -> `labelme_polygons` (nothing rasterised). LabelmeError as there, or
+    when the file is not JSON."""
     return labelme_polygons(_read_json(Path(path)), source=str(path))
 
 
