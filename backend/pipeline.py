@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,9 +11,11 @@ from backend.detector import Detector
 from backend.images import XrayImage
 from backend.instance import Instance, mask_box
 from backend.numbering import MIDLINE_WEIGHT, OCCLUSAL_WEIGHT, PRIOR_WEIGHT, argmax_labels, number_teeth
-from backend.sam import SamRefiner
 from backend.settings import Settings
 from backend.timing import StageTimer
+
+if TYPE_CHECKING:  # segment_anything (and torchvision) load with SAM, not with the app
+    from backend.sam import SamRefiner
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,16 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.detector import Detector
 from backend.pipeline import Pipeline, PipelineOptions
 from backend.process import set_torch_threads
 from backend.registry import Registry, project_key
-from backend.sam import EmbeddingCache, SamRefiner
 from backend.settings import Settings
+
+if TYPE_CHECKING:  # segment_anything (and torchvision) load with SAM, on the first request that needs it
+    from backend.sam import SamRefiner
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class Runtime:
         packaged LiteMedSAM weights for SAM_MODEL_TYPE=lite_medsam)."""
         with self._lock:
             if not self._refiner_loaded:
+                from backend.sam import EmbeddingCache, SamRefiner
+
                 self._refiner_loaded = True
                 s = self.settings
                 self._refiner = SamRefiner.load(

@@ -3,6 +3,7 @@ and masks as torch with the shipped LiteMedSAM weights; the converted encoder ca
 input size and OpenVINO version, converted once by processes starting together; a runtime that
 cannot serve falls back to torch with one log line. LiteMedSAM converts in about 10 s, the test
 SAM (vit_tiny) in about 3 s."""
+import hashlib
 import logging
 import subprocess
 import sys
@@ -23,9 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def lite_medsam_both(tmp_path_factory):
-    """The shipped LiteMedSAM twice: its encoder in torch, and in OpenVINO (converted here)."""
-    cache = tmp_path_factory.mktemp("openvino")
+def lite_medsam_both(request):
+    """The shipped LiteMedSAM twice: its encoder in torch, and in OpenVINO, converted on this
+    machine's first run into pytest's cache, in a folder named by the conversion code's hash (the
+    runtime's own key adds checkpoint, input size and OpenVINO version); a clean checkout converts."""
+    code = hashlib.sha1((REPO / "backend" / "sam_runtime.py").read_bytes()).hexdigest()[:12]
+    cache = Path(request.config.cache.mkdir(f"toothseg-openvino-{code}"))
     return (SamRefiner.load("lite_medsam", None, runtime="torch", batch_size=4),
             SamRefiner.load("lite_medsam", None, runtime="openvino", runtime_cache=cache, batch_size=4))
 

@@ -54,8 +54,6 @@ import numpy as np
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from ultralytics.data.converter import merge_multi_segment
-
 from backend import fdi
 from backend.formats import fdi_of_value, mask_to_polygons, polygons_to_mask
 from backend.images import ImageError, decode_image
@@ -683,6 +681,8 @@ def mask_polygon(mask: np.ndarray, epsilon: float = 0.0) -> np.ndarray | None:
         return None
     if len(parts) == 1:
         return parts[0]
+    from ultralytics.data.converter import merge_multi_segment  # here: ultralytics loads torch (2.5 s a CLI call)
+
     parts.sort(key=lambda p: p[:, 0].min())  # left to right, so the bridges stay short
     return np.concatenate(merge_multi_segment([p.reshape(-1).tolist() for p in parts]), axis=0)
 
