@@ -7,6 +7,7 @@ unchanged training code reuses them. `pytest --cache-clear` retrains.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -368,20 +369,37 @@ class BackendServer:
         self.proc.wait()
 
 
-@pytest.fixture
-def start_backend(tmp_path):
+@contextlib.contextmanager
+def backend_servers(directory: Path):
+    """`start(**env)` -> a BackendServer (MODEL_DIR defaults to `directory`/models, logs in
+    `directory`); every one started is stopped on exit."""
     servers = []
 
     def start(**env) -> BackendServer:
         env = {k: str(v) for k, v in env.items()}
-        env.setdefault("MODEL_DIR", str(tmp_path / "models"))
-        server = BackendServer(env, tmp_path / f"backend-{len(servers)}.log")
+        env.setdefault("MODEL_DIR", str(directory / "models"))
+        server = BackendServer(env, directory / f"backend-{len(servers)}.log")
         servers.append(server)
         return server
 
-    yield start
-    for server in servers:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def start_backend(tmp_path):
+    with backend_servers(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def start_module_backend(tmp_path_factory):
+    """`start_backend` for backends a module's tests share (tests that only read from them)."""
+    with backend_servers(tmp_path_factory.mktemp("backends")) as start:
+        yield start
 
 
 # --- the native stack (end-to-end tests) ----------------------------------------------------------

@@ -10,7 +10,7 @@ from PIL import Image
 
 from backend.formats import result_to_masks
 from backend.label_config import render_label_config
-from conftest import BackendServer, box_prompt, register_model
+from conftest import box_prompt, register_model
 
 CONFIG = render_label_config()
 POLY_CONFIG = """<View><Image name="img" value="$image"/>
@@ -39,13 +39,10 @@ def local(name):
 
 
 @pytest.fixture(scope="module")
-def bare_backend(tmp_path_factory):
+def bare_backend(start_module_backend, tmp_path_factory):
     """One backend with no model for the tests that only send it bad bodies: each still sees it
     serving after its own."""
-    work = tmp_path_factory.mktemp("bare")
-    server = BackendServer({"MODEL_DIR": str(work / "models")}, work / "backend.log")
-    yield server
-    server.stop()
+    return start_module_backend(MODEL_DIR=tmp_path_factory.mktemp("bare") / "models")
 
 
 def test_health_and_setup_without_a_model(start_backend, tmp_path):
@@ -86,22 +83,22 @@ def test_setup_follows_promotions_without_restart(start_backend, tmp_path, train
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, trained_weights, sam_checkpoint, synth_dir):
+def served(start_module_backend, tmp_path_factory, trained_weights, sam_checkpoint, synth_dir):
     """The backend with the test SAM (vit_tiny, random weights: what SAM costs, not its masks),
     shared by this module's tests that only read from it."""
-    yield from serve(tmp_path_factory.mktemp("served"), trained_weights, synth_dir, SAM_CHECKPOINT=sam_checkpoint,
-                     SAM_MODEL_TYPE="vit_tiny")
+    return serve(start_module_backend, tmp_path_factory.mktemp("served"), trained_weights, synth_dir,
+                 SAM_CHECKPOINT=sam_checkpoint, SAM_MODEL_TYPE="vit_tiny")
 
 
 @pytest.fixture(scope="module")
-def served_lite_medsam(tmp_path_factory, trained_weights, synth_dir):
+def served_lite_medsam(start_module_backend, tmp_path_factory, trained_weights, synth_dir):
     """The backend with LiteMedSAM's real weights, from the package (no SAM_CHECKPOINT), shared
     like `served`."""
-    yield from serve(tmp_path_factory.mktemp("served-lite-medsam"), trained_weights, synth_dir,
-                     SAM_MODEL_TYPE="lite_medsam")
+    return serve(start_module_backend, tmp_path_factory.mktemp("served-lite-medsam"), trained_weights, synth_dir,
+                 SAM_MODEL_TYPE="lite_medsam")
 
 
-def serve(work, trained_weights, synth_dir, **sam):
+def serve(start_backend, work, trained_weights, synth_dir, **sam):
     models = work / "models"
     version = register_model(models, "1", trained_weights)
     images = synth_dir / "images"
@@ -109,12 +106,10 @@ def serve(work, trained_weights, synth_dir, **sam):
     bad.mkdir(exist_ok=True)
     (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     Image.new("L", (12000, 12000)).save(bad / "bomb.png")
-    env = dict(MODEL_DIR=models, **sam, SAM_PREANNOTATE="true", LOCAL_FILES_DOCUMENT_ROOT=synth_dir,
-               MAX_IMAGE_PIXELS=50_000_000 // 2, SCORE_THRESHOLD=0.05, PREDICT_BATCH_LIMIT=0)
-    server = BackendServer({k: str(v) for k, v in env.items()}, work / "backend.log")
+    server = start_backend(MODEL_DIR=models, **sam, SAM_PREANNOTATE="true", LOCAL_FILES_DOCUMENT_ROOT=synth_dir,
+                           MAX_IMAGE_PIXELS=50_000_000 // 2, SCORE_THRESHOLD=0.05, PREDICT_BATCH_LIMIT=0)
     names = sorted(p.name for p in images.iterdir())
-    yield server, version, names
-    server.stop()
+    return server, version, names
 
 
 def test_predict_brush_regions_with_fdi_labels(served, synth_dir):
