@@ -400,6 +400,21 @@ def first_name(n: int, draw: int) -> str:
     return f"first-{n:02d}-draw{draw}"
 
 
+def score_weights(args: argparse.Namespace, split: Split, data: RealData, log) -> str:
+    """`--score-weights`: the weights' pre-annotations of the split's scored images, in one line."""
+    from backend.process import set_torch_threads
+
+    set_torch_threads(0)
+    sim = RealProject(data, split.test, args.work, log, dict(args.train_env), args.device,
+                      args.sam_model_type, args.sam_checkpoint)
+    rows = score_model(sim, {"served": pipelines_for(sim, args.score_weights)["served"]})
+    h = headline(rows, 0.0)
+    return (f"{args.score_weights} on {len(rows)} {'pool validation' if args.on == 'pool' else 'held-out'} images: "
+            f"teeth found {h['recall']:.3f}, numbered right {h['numbered_right']:.3f}, extra/img "
+            f"{h['extra_per_image']:.2f}, IA {h['ia']:.3f}, instance Dice {h['instance_dice']:.3f}, actions/img "
+            f"{h['actions_per_image']:.1f} (teeth/img {sum(r.teeth for r in rows) / len(rows):.1f})")
+
+
 def idle_name(n: int, draw: int, k: int) -> str:
     return f"idle{k}-{n:02d}-draw{draw}"
 
@@ -538,8 +553,10 @@ def report(args: argparse.Namespace, split: Split, data_commit: str, command: st
              f"the pool alone, split again (seed {SPLIT_SEED + 1}) into {len(split.pool)} images to annotate and "
              f"{len(split.test)} validation images; the held-out test images are not used. Choose settings here.",
              "Training: the product's retrain job (`training.jobs.run_round`) with its defaults (TRAIN_* unset: the "
-             "9-minute budget), trained from scratch; pre-annotation with the product's defaults. A first model the "
-             "gate did not promote is scored as trained (promoted column)."
+             "9-minute budget), the first training starting where the product's does (YOLO_WEIGHTS, else "
+             "toothseg's detector pretrained on synthetic panoramics: `training.pretrain`; trainings recorded with "
+             "pretrained=False or before the setting existed: from random weights); pre-annotation with the "
+             "product's defaults. A first model the gate did not promote is scored as trained (promoted column)."
              + (f" The models are those `{args.models_from.name}`'s run trained (`--models-from`: training minutes and "
                 "epochs are that run's), scored and gated again with this run's settings." if args.models_from else "")
              + (f" Settings over the defaults: {', '.join(f'{k}={v}' for k, v in args.train_env)}."
@@ -811,6 +828,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="score (and gate) the first models trained in WORK (another run of the same --on) "
                              "with this run's settings instead of training them: for settings used only when "
                              "predicting (SCORE_THRESHOLD, SCORE_FALLBACK, DETECTOR_CONF)")
+    parser.add_argument("--score-weights", type=Path, metavar="WEIGHTS",
+                        help="score these detector weights as they are, untrained on the data (e.g. toothseg's "
+                             "pretrained start, training/weights/synthetic-pretrained.pt), on the --on split's "
+                             "images with the product's pre-annotation, print one line and stop")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real.md")
     args = parser.parse_args(argv)
     args.work = args.work.resolve()
@@ -846,6 +867,9 @@ def main(argv: list[str] | None = None) -> int:
     # --on pool: the test images are left out; the pool is split into annotated and validation images
     pool, test = (selection_split if args.on == "pool" else split_names)(sorted(data.loaders))
     split = Split(pool, test, data.failed)
+    if args.score_weights:
+        print(score_weights(args, split, data, log))
+        return 0
     if args.on == "pool" and not args.report_only:
         args.work.mkdir(parents=True, exist_ok=True)
         pairs = [list(kv) for kv in args.train_env]

@@ -1,5 +1,6 @@
 """Cold start on the native stack: a new project, 8 annotated tasks, *Start training* as a user presses it,
-and the first model, trained from scratch with the product's defaults, pre-annotates the other tasks.
+and the first model, trained with the product's defaults (no YOLO_WEIGHTS: from toothseg's shipped
+synthetic-pretrained detector), pre-annotates the other tasks.
 
 The one setting that differs from a user's is the documented test budget: TRAIN_STEPS below (the
 product trains 1500 steps or until its 9-minute budget runs out, whichever comes first: about 1200
@@ -47,6 +48,7 @@ def test_first_model_from_8_annotated_images_pre_annotates_the_rest(make_stack):
         seconds = time.monotonic() - started
         meta = registry.get(project, version).meta
         assert meta["counts"] == {"train": 7, "val": 1, "pseudo": 0} and meta["parent"] is None
+        assert meta["started_from"].endswith("synthetic-pretrained.pt")
         assert meta["hyperparameters"]["preset"] == "small" and meta["hyperparameters"]["tooth_class"]
         assert "first model" in meta["gate"]
         # the learned mask refiner was trained within the same budget and is part of the version

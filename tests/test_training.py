@@ -28,6 +28,7 @@ from training.metrics import Scores
 from training.model_changes import LargeBoxBboxLoss, area_weight
 from backend.registry import reject, store_version
 from training.data.synth import generate
+from training.pretrain import SHIPPED
 from training.train import TrainConfig, train_model
 
 
@@ -426,6 +427,8 @@ def test_the_retrain_job_trains_no_larger_than_its_images(tmp_path):
     record = sim.run(101, "fit", sim.keys["lab"], overrides={"imgsz": 640})
     version = Registry(sim.settings.model_dir).versions(101)[-1]
     assert record.steps == 4 and version.meta["hyperparameters"]["imgsz"] == 320
+    # a first training without YOLO_WEIGHTS starts from the shipped pretrained detector (test_pretrain)
+    assert version.meta["started_from"] == str(SHIPPED)
     assert Detector.load(version.weights).imgsz == 320  # and it predicts at that size
     # by default half of the training images are mirrored (with their FDI numbers swapped, see
     # test_small_data): chosen on the real radiographs' pool (bench/results/real-selection.md)

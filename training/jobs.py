@@ -206,13 +206,13 @@ def dataset_step(settings: Settings, exported: Exported, work: Path, current: Mo
 
 def train_step(settings: Settings, data: Dataset, work: Path, current: ModelVersion | None, config: TrainConfig,
                deadline: float | None, report: Progress, interrupt: Callable[[], bool] | None = None) -> TrainResult:
-    """Train the candidate, warm-started from the current model (else YOLO_WEIGHTS, else from scratch),
-    ending by `deadline` (time.monotonic seconds, None: no limit). `config`: with the warm-start
-    length already applied (`TrainConfig.warm`) when there is a current model."""
-    warm = current.weights if current is not None else settings.yolo_weights
-    if warm is not None and not warm.exists():
-        logger.warning("YOLO_WEIGHTS %s does not exist: the first training starts from scratch", warm)
-        warm = None
+    """Train the candidate, warm-started from the current model (else YOLO_WEIGHTS, else toothseg's
+    pretrained detector, else from scratch: `training.pretrain.first_training_start`), ending by
+    `deadline` (time.monotonic seconds, None: no limit). `config`: with the warm-start length
+    already applied (`TrainConfig.warm`) when there is a current model."""
+    from training.pretrain import first_training_start
+
+    warm = current.weights if current is not None else first_training_start(settings.yolo_weights, config)
     start = current.version if current else (warm or "scratch")
     planned = config.epochs_for(len(data.train_images))
     length = f"{config.steps} steps ({planned} epochs)" if config.steps > 0 else f"{planned} epochs"
@@ -317,6 +317,7 @@ def store_step(registry: Registry, project: str, job_id: str, result: TrainResul
         "epochs_run": result.epochs_run,
         "steps_run": result.steps_run,
         "stopped_by": result.stopped_by,
+        "started_from": current.version if current else result.started_from,
         "mask_refiner": refiner.as_dict() if refiner else None,
         "sam_decoder": sam,
         "job_id": job_id,

@@ -58,7 +58,9 @@ class TrainConfig:
     encoder and mask decoder on the train split after the refiner, gated against the current SAM on
     the validation split (`training.sam_training`; 0: off, the shipped SAM serves);
     best_min_val_images: the fewest validation images whose score picks the returned epoch
-    (best.pt), fewer return the last epoch's weights;
+    (best.pt), fewer return the last epoch's weights; pretrained: a first training without
+    YOLO_WEIGHTS starts from toothseg's detector pretrained on synthetic panoramics
+    (`training.pretrain`), else from random weights;
     the rest are ultralytics' arguments of the same name.
     """
 
@@ -93,6 +95,7 @@ class TrainConfig:
     refiner_steps: int = 200
     refiner_warm_steps: int = 100
     sam_steps: int = 0
+    pretrained: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, defaults: dict | None = None,
@@ -157,7 +160,7 @@ PRESETS: dict[str, dict] = {
 """Named training defaults: "small" is TrainConfig's own defaults, "paper" the paper's Table 2."""
 
 
-PREDATING: dict[str, object] = {"fliplr": 0.0, "best_min_val_images": 0}
+PREDATING: dict[str, object] = {"fliplr": 0.0, "best_min_val_images": 0, "pretrained": False}
 """Settings added after trainings were first recorded (registry meta "hyperparameters"), each with
 the value that gives the behaviour from before it existed: a record without it trained so."""
 
@@ -186,6 +189,7 @@ class TrainResult:
     steps_run: int
     epochs_planned: int
     stopped_by: str  # "steps", "budget", "patience" or "interrupted"
+    started_from: str = "scratch"  # the warm-start weights, or "scratch"
 
 
 class _Budget:
@@ -292,4 +296,5 @@ def train_model(data_yaml: Path, run_dir: Path, config: TrainConfig, mean: float
     stopped_by = ("interrupted" if stopper is not None and stopper.hit else
                   "budget" if budget.cut else "steps" if epochs_run >= epochs else "patience")
     return TrainResult(weights=best, seconds=time.perf_counter() - start, epochs_run=epochs_run,
-                       steps_run=epochs_run * steps_per_epoch, epochs_planned=epochs, stopped_by=stopped_by)
+                       steps_run=epochs_run * steps_per_epoch, epochs_planned=epochs, stopped_by=stopped_by,
+                       started_from=str(warm_start) if warm_start else "scratch")

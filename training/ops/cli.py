@@ -43,6 +43,16 @@ def cmd_label_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from training.pretrain import pretrain
+
+    record = pretrain(Path(args.out), images=args.images, seed=args.seed, size=args.size, imgsz=args.imgsz,
+                      steps=args.steps)
+    print(f"{args.out}: {record['images']} synthetic images, {record['steps']} steps at imgsz {record['imgsz']}, "
+          f"{record['seconds']:.0f} s, sha256 {record['sha256'][:12]}")
+    return 0
+
+
 def _settings():
     from backend.settings import Settings
 
@@ -296,6 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "'/data/local-files/?d=synth/' (default: none, paths relative to --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
+
+    from training.pretrain import DEFAULTS, SHIPPED
+
+    p = sub.add_parser("pretrain", help="pretrain the detector on synthetic panoramics (the first training's start)")
+    p.add_argument("--out", default=str(SHIPPED), help=f"weights file (default: the shipped one, {SHIPPED.name}); "
+                                                       "its record goes next to it (.json)")
+    p.add_argument("--images", type=int, default=DEFAULTS["images"],
+                   help=f"synthetic panoramics (default {DEFAULTS['images']})")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help=f"first image seed (default {DEFAULTS['seed']})")
+    p.add_argument("--size", type=_size, default=DEFAULTS["size"], help="WIDTHxHEIGHT (default 512x512)")
+    p.add_argument("--imgsz", type=int, default=DEFAULTS["imgsz"],
+                   help=f"training size (default {DEFAULTS['imgsz']})")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
+                   help=f"optimizer steps (default {DEFAULTS['steps']}: about 30 min on 2 cores)")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("label-config", help="print the labeling config (label_studio_config.xml)")
     p.set_defaults(func=cmd_label_config)
