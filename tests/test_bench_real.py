@@ -90,7 +90,7 @@ def test_selection_pairs_each_draw_with_the_baselines_same_draw(tmp_path):
             bench_real.save(_record(f"first-08-draw{draw}", n), work)
     (other / bench_real.SETTINGS_FILE).write_text(json.dumps([["TRAIN_FLIPLR", "0.5"]]))
     earlier = bench_real.load("first-08-draw1", base)  # trained before a default changed
-    earlier.hyperparameters = {"fliplr": 0.25, "best_min_val_images": 3}
+    earlier.hyperparameters = {"fliplr": 0.25, "best_min_val_images": 3, "pretrained": True}
     earlier.promoted, earlier.gate = False, "first model not promoted: it would cost work"
     bench_real.save(earlier, base)
     lines = bench_real.selection_report([base, other], "cmd")

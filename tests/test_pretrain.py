@@ -2,9 +2,11 @@
 pretrain` on synthetic panoramics, shipped in the package, chosen unless YOLO_WEIGHTS or
 TRAIN_PRETRAINED=false say otherwise or the training's architecture differs."""
 import hashlib
+import tomllib
 from dataclasses import replace
 
 from backend.detector import Detector
+from conftest import REPO
 from training.ops.cli import main
 from training.pretrain import SHIPPED, architecture, first_training_start, read_record
 from training.train import TrainConfig, preset
@@ -19,6 +21,15 @@ def test_the_shipped_detector_is_the_one_its_record_describes():
     names = list(detector.model.names.values())
     assert names[:3] == ["11", "12", "13"] and names[-1] == "tooth" and len(names) == 53
     assert detector.imgsz == record["imgsz"] == 512
+
+
+def test_the_package_installs_the_shipped_detector():
+    """`pip install .` (the Docker image) carries the weights and their record: without them a first
+    training would start from random weights."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "training.weights" in setuptools["packages"]
+    globs = setuptools["package-data"]["training.weights"]
+    assert any(SHIPPED.match(g) for g in globs) and any(SHIPPED.with_suffix(".json").match(g) for g in globs)
 
 
 def test_a_first_training_starts_from_yolo_weights_else_the_shipped_detector_else_random_weights(tmp_path):
