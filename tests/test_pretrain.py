@@ -5,6 +5,8 @@ import hashlib
 import tomllib
 from dataclasses import replace
 
+import pytest
+
 from backend.detector import Detector
 from conftest import REPO
 from training.ops.cli import main
@@ -46,6 +48,7 @@ def test_a_first_training_starts_from_yolo_weights_else_the_shipped_detector_els
     assert first_training_start(None, config, shipped=tmp_path / "not-installed.pt") is None
 
 
+@pytest.mark.slow  # trains (2 steps at 64 px: about 10 s)
 def test_pretrain_writes_weights_and_their_record(tmp_path, capsys):
     out = tmp_path / "pretrained.pt"
     assert main(["pretrain", "--out", str(out), "--images", "4", "--steps", "2", "--imgsz", "64",
