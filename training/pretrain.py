@@ -53,11 +53,11 @@ def read_record(weights: Path) -> dict:
 
 def pretrain(out: Path, images: int = DEFAULTS["images"], seed: int = DEFAULTS["seed"],
              size: tuple[int, int] = DEFAULTS["size"], imgsz: int = DEFAULTS["imgsz"],
-             steps: int = DEFAULTS["steps"], work: Path | None = None) -> dict:
+             steps: int = DEFAULTS["steps"]) -> dict:
     """Train the "small" preset's detector on `images` synthetic panoramics of `size` (seeds `seed`,
     `seed`+1, ...) for `steps` optimizer steps at `imgsz`; write the weights to `out` and the record
-    to `out` with the suffix .json. `work`: the training's folder (default: a temporary one, removed).
-    Returns the record."""
+    to `out` with the suffix .json (the training's own files go to a temporary folder). Returns the
+    record."""
     from training.data.synth import train_synthetic_detector
     from training.train import TrainConfig
 
@@ -67,12 +67,10 @@ def pretrain(out: Path, images: int = DEFAULTS["images"], seed: int = DEFAULTS["
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="toothseg-pretrain-") as tmp:
-        folder = Path(work) if work is not None else Path(tmp)
-        weights = train_synthetic_detector(folder, n=images, seed=seed, size=size, imgsz=imgsz, steps=steps)
+        weights = train_synthetic_detector(Path(tmp), n=images, seed=seed, size=size, imgsz=imgsz, steps=steps)
         shutil.copyfile(weights, out)
-    config = TrainConfig(imgsz=imgsz, steps=steps, time_budget=0.0)
     record = dict(images=images, seed=seed, size=list(size), imgsz=imgsz, steps=steps,
-                  architecture=architecture(config), seconds=round(time.perf_counter() - start, 1),
+                  architecture=architecture(TrainConfig()),  # train_synthetic_detector's: the small preset's seconds=round(time.perf_counter() - start, 1),
                   sha256=hashlib.sha256(out.read_bytes()).hexdigest())
     record_path(out).write_text(json.dumps(record, indent=2) + "\n")
     return record
