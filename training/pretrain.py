@@ -69,8 +69,9 @@ def pretrain(out: Path, images: int = DEFAULTS["images"], seed: int = DEFAULTS["
     with tempfile.TemporaryDirectory(prefix="toothseg-pretrain-") as tmp:
         weights = train_synthetic_detector(Path(tmp), n=images, seed=seed, size=size, imgsz=imgsz, steps=steps)
         shutil.copyfile(weights, out)
+    # train_synthetic_detector trains the small preset's architecture
     record = dict(images=images, seed=seed, size=list(size), imgsz=imgsz, steps=steps,
-                  architecture=architecture(TrainConfig()),  # train_synthetic_detector's: the small preset's seconds=round(time.perf_counter() - start, 1),
+                  architecture=architecture(TrainConfig()), seconds=round(time.perf_counter() - start, 1),
                   sha256=hashlib.sha256(out.read_bytes()).hexdigest())
     record_path(out).write_text(json.dumps(record, indent=2) + "\n")
     return record
